@@ -1,0 +1,133 @@
+"""Medusa heads as a vLLM model: what `speculative_config={"method": "medusa"}` loads.
+
+Head h maps the target's last hidden state to a guess of the token h+2 positions ahead:
+`num_hidden_layers` residual blocks `x + SiLU(W x + b)`, then a projection to the vocabulary.
+That projection is either the head's own lm_head, or, for heads trained to reuse the target's
+(`original_lm_head`, FasterDecoding "version 2"), the target model's lm_head itself, bound in
+memory by the proposer: no second copy of a vocabulary-sized matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_layers: int, bias: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [nn.Linear(hidden_size, hidden_size, bias=bias) for _ in range(num_layers)]
+        )
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + self.act(layer(x))
+        return x
+
+
+class MedusaHeads(nn.Module):
+    """All Medusa heads of one checkpoint, in any format `vllm_medusa.converters` reads."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        spec_config = vllm_config.speculative_config
+        assert spec_config is not None
+        config = spec_config.draft_model_config.hf_config
+        self.config = config
+        # Weights are read from this folder by the converter's loader, whatever its format.
+        self.checkpoint_dir: str = spec_config.draft_model_config.model
+        self.num_heads: int = config.num_heads
+        self.hidden_size: int = config.hidden_size
+        self.vocab_size: int = config.vocab_size
+        self.original_lm_head: bool = bool(getattr(config, "original_lm_head", False))
+        self.blocks = nn.ModuleList(
+            [
+                ResidualBlock(
+                    config.hidden_size,
+                    config.num_hidden_layers,
+                    bias=bool(getattr(config, "medusa_fc_bias", False)),
+                )
+                for _ in range(self.num_heads)
+            ]
+        )
+        self.lm_heads: nn.ModuleList | None = None
+        self.shared_lm_head: nn.Module | None = None
+        if not self.original_lm_head:
+            self.lm_heads = nn.ModuleList(
+                [
+                    ParallelLMHead(
+                        config.vocab_size, config.hidden_size, prefix=f"{prefix}lm_heads.{h}"
+                    )
+                    for h in range(self.num_heads)
+                ]
+            )
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def bind_target_lm_head(self, lm_head: nn.Module) -> None:
+        """Share the target model's lm_head (heads trained to reuse it)."""
+        self.shared_lm_head = lm_head
+
+    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """hidden_states: [num_tokens, hidden] -> one [num_tokens, hidden] per head."""
+        return [block(hidden_states) for block in self.blocks]
+
+    def compute_logits(self, head_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-head logits, [num_tokens, vocab] each (vLLM's Medusa interface)."""
+        if not head_states:
+            return []
+        if self.lm_heads is None:
+            num_tokens = head_states[0].shape[0]
+            stacked = self.stacked_logits(torch.stack(head_states))
+            return list(stacked.view(len(head_states), num_tokens, -1))
+        return [
+            self.logits_processor(lm_head, hs)
+            for lm_head, hs in zip(self.lm_heads, head_states, strict=False)
+        ]
+
+    def stacked_logits(self, head_states: torch.Tensor) -> torch.Tensor:
+        """head_states: [k, num_tokens, hidden] -> logits [k, num_tokens, vocab].
+
+        With a shared lm_head all heads go through one matmul, which reads the
+        vocabulary-sized matrix once instead of once per head: on a memory-bound decode step
+        that is most of the drafter's cost.
+        """
+        k, num_tokens, hidden = head_states.shape
+        if self.lm_heads is None:
+            if self.shared_lm_head is None:
+                raise RuntimeError("Medusa heads use the target lm_head, but none was bound")
+            flat = head_states.reshape(k * num_tokens, hidden)
+            logits = self.logits_processor(self.shared_lm_head, flat)
+            return logits.view(k, num_tokens, -1)
+        return torch.stack(
+            [self.logits_processor(self.lm_heads[h], head_states[h]) for h in range(k)]
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # vLLM's file iterator is not used: it would unpickle .pt files on its own terms and
+        # cannot expand FasterDecoding's shared layers. The converter's loader reads every
+        # supported format safely (weights_only) into vLLM-layout names.
+        from vllm_medusa.converters import load_checkpoint
+
+        del weights
+        params = dict(self.named_parameters())
+        ckpt = load_checkpoint(self.checkpoint_dir)
+        loaded: set[str] = set()
+        for name, tensor in ckpt.tensors.items():
+            if name.startswith("lm_heads.") and self.lm_heads is None:
+                continue  # an embedded copy of the target lm_head, for stock vLLM
+            if name not in params:
+                raise ValueError(
+                    f"speculative model {self.checkpoint_dir!r}: unexpected tensor {name!r}"
+                )
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded

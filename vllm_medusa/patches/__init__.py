@@ -1,0 +1,21 @@
+"""Every change this plugin makes to vLLM, in one place.
+
+Each module touches one vLLM surface and names the vLLM version it was read from
+(`vllm_medusa.SUPPORTED_VLLM`, checked in `plugin.register` before anything here runs):
+
+- `model_registry`: the architecture "MedusaModel" (public `ModelRegistry` API) resolves to
+  `vllm_medusa.model.MedusaHeads` instead of vLLM's own Medusa model.
+- `medusa_config`: `MedusaConfig.from_pretrained` reads head count, layers, hidden size,
+  vocabulary, bias and lm_head mode from the checkpoint's tensors, so unconverted
+  FasterDecoding folders load and undercounting configs cannot mis-size the heads.
+- `model_runner`: the V1 model runner builds `vllm_medusa.proposer.MedusaProposer` where it
+  would build vLLM's.
+"""
+
+from vllm_medusa.patches import medusa_config, model_registry, model_runner
+
+
+def apply() -> None:
+    model_registry.apply()
+    medusa_config.apply()
+    model_runner.apply()
