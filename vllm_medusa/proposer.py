@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
 from vllm_medusa.model import MedusaHeads
 
+# Under "vllm." so that vLLM's logging configuration shows it.
+logger = init_logger(f"vllm.{__name__}")
+
 
 class MedusaProposer(VllmMedusaProposer):
-    def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
-        super().__init__(vllm_config=vllm_config, device=device)
-        heads_config = self.spec_config.draft_model_config.hf_config
-        check_heads_fit_target(
-            heads_dir=self.spec_config.draft_model_config.model,
-            num_heads=heads_config.num_heads,
-            num_speculative_tokens=self.num_speculative_tokens,
-            heads_hidden=heads_config.hidden_size,
-            heads_vocab=getattr(heads_config, "heads_vocab_size", None),
-            target_hidden=vllm_config.model_config.get_hidden_size(),
-            target_vocab=vllm_config.model_config.get_vocab_size(),
-        )
-
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
         if not isinstance(self.model, MedusaHeads):
@@ -39,6 +29,14 @@ class MedusaProposer(VllmMedusaProposer):
             )
         if self.model.original_lm_head:
             self.model.bind_target_lm_head(_target_lm_head(target_model))
+        logger.info(
+            "vllm-medusa: %d heads x %d layers from %s, %s lm_head, %d speculative tokens",
+            self.model.num_heads,
+            len(self.model.blocks[0].layers),
+            self.model.checkpoint_dir,
+            "shared target" if self.model.original_lm_head else "own",
+            self.num_speculative_tokens,
+        )
 
     @torch.inference_mode()
     def propose(
@@ -67,31 +65,3 @@ def _target_lm_head(target_model: nn.Module) -> nn.Module:
             "use heads with their own lm_heads (FasterDecoding version 1)"
         )
     return lm_head
-
-
-def check_heads_fit_target(
-    *,
-    heads_dir: str,
-    num_heads: int,
-    num_speculative_tokens: int,
-    heads_hidden: int,
-    heads_vocab: int | None,
-    target_hidden: int,
-    target_vocab: int,
-) -> None:
-    """Heads made for another model fail at start-up, not with wrong drafts."""
-    if heads_hidden != target_hidden:
-        raise ValueError(
-            f"Medusa heads {heads_dir!r} have hidden size {heads_hidden} but the target "
-            f"model has {target_hidden}: use heads trained for this model"
-        )
-    if heads_vocab is not None and heads_vocab != target_vocab:
-        raise ValueError(
-            f"Medusa heads {heads_dir!r} predict a vocabulary of {heads_vocab} tokens but the "
-            f"target model has {target_vocab}: use heads trained for this model"
-        )
-    if num_speculative_tokens > num_heads:
-        raise ValueError(
-            f"num_speculative_tokens={num_speculative_tokens} but {heads_dir!r} has only "
-            f"{num_heads} Medusa heads: set num_speculative_tokens to at most {num_heads}"
-        )

@@ -8,14 +8,17 @@ Each module touches one vLLM surface and names the vLLM version it was read from
 - `medusa_config`: `MedusaConfig.from_pretrained` reads head count, layers, hidden size,
   vocabulary, bias and lm_head mode from the checkpoint's tensors, so unconverted
   FasterDecoding folders load and undercounting configs cannot mis-size the heads.
+- `speculative_config`: `SpeculativeConfig` validation rejects heads whose hidden size or
+  vocabulary differ from the target model's, or fewer heads than speculative tokens.
 - `model_runner`: the V1 model runner builds `vllm_medusa.proposer.MedusaProposer` where it
   would build vLLM's.
 """
 
-from vllm_medusa.patches import medusa_config, model_registry, model_runner
+from vllm_medusa.patches import medusa_config, model_registry, model_runner, speculative_config
 
 
 def apply() -> None:
     model_registry.apply()
     medusa_config.apply()
+    speculative_config.apply()
     model_runner.apply()

@@ -1,0 +1,61 @@
+"""Speculative decoding counters as vLLM reports them (`LLM.get_metrics()`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecDecodeStats:
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification step: the accepted drafts plus the bonus token."""
+        if self.num_drafts == 0:
+            return 0.0
+        return 1.0 + self.num_accepted_tokens / self.num_drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def minus(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
+        """The counts since `earlier`, so one engine can measure several runs apart."""
+        width = max(len(self.accepted_per_position), len(earlier.accepted_per_position))
+        now = self.accepted_per_position + [0] * (width - len(self.accepted_per_position))
+        before = earlier.accepted_per_position + [0] * (width - len(earlier.accepted_per_position))
+        return SpecDecodeStats(
+            self.num_drafts - earlier.num_drafts,
+            self.num_draft_tokens - earlier.num_draft_tokens,
+            self.num_accepted_tokens - earlier.num_accepted_tokens,
+            [a - b for a, b in zip(now, before, strict=True)],
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "accepted_per_position": self.accepted_per_position,
+            "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+        }
+
+
+def spec_decode_stats(llm) -> SpecDecodeStats:
+    """Read the engine's cumulative speculative decoding counters."""
+    stats = SpecDecodeStats()
+    for metric in llm.get_metrics():
+        if metric.name == "vllm:spec_decode_num_drafts":
+            stats.num_drafts += metric.value
+        elif metric.name == "vllm:spec_decode_num_draft_tokens":
+            stats.num_draft_tokens += metric.value
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens":
+            stats.num_accepted_tokens += metric.value
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            stats.accepted_per_position = list(metric.values)
+    return stats
