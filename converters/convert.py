@@ -8,9 +8,6 @@ seeded hidden states, and reports the largest absolute difference.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from .fasterdecoding import read_raw
 from .hffolder import BaseModel
 from .layout import block_key, lm_head_key, read_vllm, write_folder
 from .loader import checkpoint_folder, detect_format, load_checkpoint
+from .staging import staged_folder
 
 # Largest |difference| allowed, relative to max(1, largest |reference output|).
 RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
@@ -84,22 +82,6 @@ def _apply_base_model(checkpoint: MedusaCheckpoint, base: BaseModel, embed: bool
         checkpoint.tensors[lm_head_key(0)] = base.lm_head()  # [V, H]
 
 
-def _publish(tmp: Path, dst: Path) -> None:
-    """Move the finished temp folder into place, replacing an old DST only now."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.rename(dst, old / "dst")
-    try:
-        os.rename(tmp, dst)
-    except OSError:
-        os.rename(old / "dst", dst)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_conversion(
     src: str | Path,
     dst: str | Path,
@@ -127,11 +109,9 @@ def run_conversion(
         _apply_base_model(checkpoint, base, embed_lm_head)
     if out_dtype is None:
         out_dtype = DTYPES[dtype_name(checkpoint.dtype)]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    result = None
+    with staged_folder(target) as tmp:
         write_folder(checkpoint, tmp, out_dtype)
-        result = None
         if verify:
             result = _verify(src_path, tmp, base)
             if not result.ok:
@@ -140,10 +120,6 @@ def run_conversion(
                     f"{result.compared} exceeds the tolerance {result.tolerance:.3g}; nothing "
                     "was written"
                 )
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return checkpoint, result
 
 

@@ -59,7 +59,7 @@ def tiny_run(tiny_model_dir: Path, tmp_path_factory) -> TinyRun:
     data = compute_hidden_states(tiny_model_dir, sequences, max_heads=4)
     base = BaseModel.open(tiny_model_dir)
     lm_head = base.lm_head()
-    common = dict(num_heads=4, max_steps=300, batch_size=256, lr=3e-3)
+    common = dict(num_heads=4, max_steps=300, batch_size=256, lr=3e-3, train_vocab="full")
     shared = train_heads(data, lm_head, TrainConfig(**common))
     heads_v2 = out / "fd-v2"
     write_fasterdecoding(shared, heads_v2, str(tiny_model_dir), base.hidden_size, base.vocab_size)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -56,9 +54,9 @@ def prepare_default_model(dest: Path | None = None, force: bool = False) -> Path
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    from vllm_medusa.converters.staging import staged_folder
+
+    with staged_folder(dest) as tmp:
         steps = tqdm(total=3, desc=f"Preparing {DEFAULT_MODEL_NAME}", unit="step")
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         steps.update()
@@ -75,10 +73,4 @@ def prepare_default_model(dest: Path | None = None, force: bool = False) -> Path
         tokenizer.save_pretrained(tmp)
         steps.update()
         steps.close()
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

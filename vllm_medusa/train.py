@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -278,31 +276,24 @@ def write_fasterdecoding(
     not at all."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        config = {
-            "medusa_num_heads": len(model.heads),
-            "medusa_num_layers": model.num_layers,
-            "base_model_name_or_path": base_model,
-            "hidden_size": hidden_size,
-            "vocab_size": vocab_size,
-        }
-        if not model.own_lm_head:
-            config["version"] = "2"
-        config.update(extra or {})
+    from vllm_medusa.converters.staging import staged_folder
+
+    config = {
+        "medusa_num_heads": len(model.heads),
+        "medusa_num_layers": model.num_layers,
+        "base_model_name_or_path": base_model,
+        "hidden_size": hidden_size,
+        "vocab_size": vocab_size,
+    }
+    if not model.own_lm_head:
+        config["version"] = "2"
+    config.update(extra or {})
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict_fasterdecoding().items()
+    }
+    with staged_folder(Path(out_dir)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {
-            k: v.detach().cpu().contiguous() for k, v in model.state_dict_fasterdecoding().items()
-        }
         save_file(tensors, tmp / HEADS_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_head_data(

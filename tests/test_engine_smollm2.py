@@ -1,0 +1,70 @@
+"""The real default model with the heads shipped for it, through the real vLLM engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vllm import LLM, SamplingParams
+from vllm_medusa.converters import load_checkpoint
+
+from vllm_medusa.distill import load_prompts
+from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
+from vllm_medusa.heads import default_heads_path
+from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
+
+MAX_TOKENS = 64
+# Held-out prompts: never seen by the shipped heads in training.
+PROMPTS = [p.turns[0] for p in load_prompts(split="heldout")][:8]
+
+
+def generate(llm: LLM, batch: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    if batch == 1:
+        outputs = [llm.chat([c], params, use_tqdm=False)[0] for c in conversations[:3]]
+    else:
+        outputs = llm.chat(conversations[:batch], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_engine(model: Path, heads: Path | None) -> tuple[dict[int, list], SpecDecodeStats]:
+    spec = None if heads is None else medusa_config(heads, num_speculative_tokens=4)
+    llm = LLM(model=str(model), speculative_config=spec, **engine_kwargs(max_num_seqs=8))
+    try:
+        outputs = {batch: generate(llm, batch) for batch in (1, 8)}
+        return outputs, spec_decode_stats(llm)
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path) -> dict[int, list]:
+    return run_engine(smollm2_dir, None)[0]
+
+
+@pytest.fixture(scope="module")
+def medusa_run(smollm2_dir: Path) -> tuple[dict[int, list], SpecDecodeStats]:
+    return run_engine(smollm2_dir, default_heads_path())
+
+
+def test_shipped_heads_are_in_fasterdecoding_format_and_reuse_the_lm_head():
+    heads = load_checkpoint(default_heads_path())
+    assert heads.num_heads >= 4
+    assert heads.hidden_size == 576
+    assert heads.original_lm_head  # a few MB: no copy of the 28M-parameter lm_head
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_output_identical_to_no_speculation(reference, medusa_run, batch):
+    outputs, _ = medusa_run
+    assert outputs[batch] == reference[batch]
+
+
+def test_shipped_heads_accepted_on_heldout_prompts(medusa_run):
+    _, stats = medusa_run
+    assert stats.num_drafts > 0
+    # Chain of 4 heads on prompts the heads never saw in training.
+    assert stats.mean_acceptance_length >= 1.6, stats.as_dict()
+    per_position = stats.accepted_per_position
+    assert per_position[0] > per_position[-1] > 0, stats.as_dict()
