@@ -123,6 +123,8 @@ class MedusaHeads(nn.Module):
         for name, tensor in ckpt.tensors.items():
             if name.startswith("lm_heads.") and self.lm_heads is None:
                 continue  # an embedded copy of the target lm_head, for stock vLLM
+            if int(name.split(".")[1]) >= self.num_heads:
+                continue  # vLLM builds only num_speculative_tokens heads
             if name not in params:
                 raise ValueError(
                     f"speculative model {self.checkpoint_dir!r}: unexpected tensor {name!r}"

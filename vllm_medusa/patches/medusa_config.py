@@ -28,7 +28,9 @@ def describe_heads(path: str | os.PathLike) -> dict[str, Any]:
         "hidden_size": ckpt.hidden_size,
         "medusa_fc_bias": ckpt.has_bias,
         "original_lm_head": ckpt.original_lm_head,
-        # Kept apart from vocab_size, which vLLM later aligns with the target model's.
+        # Kept apart from num_heads, which vLLM later sets to num_speculative_tokens, and
+        # from vocab_size, which it aligns with the target model's.
+        "checkpoint_num_heads": ckpt.num_heads,
         "heads_vocab_size": ckpt.vocab_size,
     }
     if ckpt.vocab_size is not None:

@@ -55,7 +55,7 @@ def apply() -> None:
         target = self.target_model_config
         check_heads_fit_target(
             heads_dir=self.draft_model_config.model,
-            num_heads=heads.num_heads,
+            num_heads=getattr(heads, "checkpoint_num_heads", heads.num_heads),
             num_speculative_tokens=self.num_speculative_tokens,
             heads_hidden=heads.hidden_size,
             heads_vocab=getattr(heads, "heads_vocab_size", None),
