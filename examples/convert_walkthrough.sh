@@ -129,8 +129,9 @@ step "(e) Greedy decoding with the converted heads in vLLM"
 # ---------------------------------------------------------------------------------------
 # The only Medusa-specific part of a vLLM program is speculative_config. Greedy output is
 # exactly what the base model alone would produce; the heads only make it come faster.
-# The __main__ guard matters: vLLM may start worker processes that re-import this module.
-python - "$BASE" "$CONVERTED" <<'EOF'
+# vLLM starts its engine in a spawned process that re-imports the main script, so the
+# program must be a file (not stdin) and keep its work under a __main__ guard.
+cat > "$WORK/generate.py" <<'EOF'
 import sys
 
 from vllm import LLM, SamplingParams
@@ -159,5 +160,6 @@ def main(base: str, heads: str) -> None:
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
 EOF
+python "$WORK/generate.py" "$BASE" "$CONVERTED"
 
 step "Done. The temporary folder $WORK is removed now."
