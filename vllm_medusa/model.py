@@ -79,19 +79,6 @@ class MedusaHeads(nn.Module):
         """hidden_states: [num_tokens, hidden] -> one [num_tokens, hidden] per head."""
         return [block(hidden_states) for block in self.blocks]
 
-    def compute_logits(self, head_states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-head logits, [num_tokens, vocab] each (vLLM's Medusa interface)."""
-        if not head_states:
-            return []
-        if self.lm_heads is None:
-            num_tokens = head_states[0].shape[0]
-            stacked = self.stacked_logits(torch.stack(head_states))
-            return list(stacked.view(len(head_states), num_tokens, -1))
-        return [
-            self.logits_processor(lm_head, hs)
-            for lm_head, hs in zip(self.lm_heads, head_states, strict=False)
-        ]
-
     def stacked_logits(self, head_states: torch.Tensor) -> torch.Tensor:
         """head_states: [k, num_tokens, hidden] -> logits [k, num_tokens, vocab].
 

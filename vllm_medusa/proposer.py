@@ -47,10 +47,8 @@ class MedusaProposer(VllmMedusaProposer):
         slot_mappings: object = None,
     ) -> torch.Tensor:
         """target_hidden_states: [num_reqs, hidden] -> draft token ids [num_reqs, k]."""
-        k = num_speculative_tokens
-        head_states = torch.stack(
-            [block(target_hidden_states) for block in self.model.blocks[:k]]
-        )  # [k, num_reqs, hidden]
+        # vLLM builds exactly num_speculative_tokens heads (it sets the config's num_heads).
+        head_states = torch.stack(self.model(target_hidden_states))  # [k, num_reqs, hidden]
         logits = self.model.stacked_logits(head_states)  # [k, num_reqs, vocab]
         return logits.argmax(dim=-1).transpose(0, 1)
 
