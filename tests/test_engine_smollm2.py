@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from vllm import LLM, SamplingParams
 from vllm_medusa.converters import load_checkpoint
 
-from vllm_medusa.distill import load_prompts
+from vllm_medusa.distill import (
+    compute_hidden_states,
+    generate_answers,
+    load_prompts,
+    recorded_head_data,
+    recording_llm,
+)
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
@@ -69,3 +76,27 @@ def test_shipped_heads_accepted_on_heldout_prompts(medusa_run):
     # shipped heads are measured at 1.29 with head 0 accepted about a quarter of the time.
     assert stats.mean_acceptance_length >= 1.2, stats.as_dict()
     assert stats.accepted_per_position[0] >= 0.15 * stats.num_drafts, stats.as_dict()
+
+
+def test_recorded_hidden_states_are_what_the_lm_head_sees(smollm2_dir: Path):
+    """Training rows recorded inside vLLM during generation: the base lm_head's argmax of
+    row i is answer token i, and the rows match a separate Hugging Face pass."""
+    from vllm_medusa.converters.hffolder import BaseModel
+
+    prompts = [p for p in load_prompts(split="train") if len(p.turns) > 1][:2]
+    prompts += load_prompts(split="train")[:3]
+    llm, recorder = recording_llm(str(smollm2_dir), **engine_kwargs(max_num_seqs=8))
+    try:
+        answers = generate_answers(llm, prompts, max_tokens=24, recorder=recorder)
+    finally:
+        shutdown(llm)
+    assert len(answers) == 7 and not recorder.rows
+    lm_head = BaseModel.open(smollm2_dir).lm_head()  # [vocab, hidden]
+    for answer in answers:
+        tokens = answer.token_ids[answer.answer_start :]
+        assert answer.hidden.shape == (len(tokens), 576)
+        assert (answer.hidden @ lm_head.T).argmax(-1).tolist() == tokens
+    recorded = recorded_head_data(answers)
+    reference = compute_hidden_states(smollm2_dir, answers)
+    assert torch.equal(recorded.targets, reference.targets)
+    torch.testing.assert_close(recorded.hidden, reference.hidden, atol=1e-3, rtol=1e-3)

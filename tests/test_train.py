@@ -18,7 +18,13 @@ from vllm_medusa.converters import load_checkpoint
 
 import vllm_medusa.train as train_module
 from vllm_medusa.cli import main as cli_main
-from vllm_medusa.distill import HeadData, load_prompts
+from vllm_medusa.distill import (
+    AnswerSequence,
+    HeadData,
+    answer_targets,
+    load_prompts,
+    recorded_head_data,
+)
 from vllm_medusa.metrics import SpecDecodeStats
 from vllm_medusa.train import (
     HEADS_FILE,
@@ -77,7 +83,7 @@ def _cfg(**overrides) -> TrainConfig:
 
 @pytest.mark.parametrize(
     "train_vocab, own_lm_head, num_layers",
-    list(itertools.product(["data", "full"], [False, True], [1, 2])),
+    list(itertools.product(["batch", "data", "full"], [False, True], [1, 2])),
 )
 def test_heads_learn_synthetic_task(data, lm_head, train_vocab, own_lm_head, num_layers):
     cfg = _cfg(train_vocab=train_vocab, own_lm_head=own_lm_head, num_layers=num_layers)
@@ -307,6 +313,49 @@ def test_malformed_prompt_line(tmp_path, bad):
     message = str(info.value)
     assert message.startswith(f"{path}:3: ")
     assert "\n" not in message
+
+
+# --- rows from recorded answers ---------------------------------------------------------------
+
+
+def test_answer_targets():
+    ids = torch.tensor([10, 11, 12, 13, 14])  # prompt 10 11, answer 12 13 14
+    targets = answer_targets(ids, start=1, max_heads=2)
+    assert targets.tolist() == [[12, 13, 14], [13, 14, -1], [14, -1, -1]]
+
+
+def _answer(prompt_len: int, answer_len: int, hidden_rows: int) -> AnswerSequence:
+    return AnswerSequence(
+        prompt_id="p",
+        split="train",
+        token_ids=list(range(prompt_len + answer_len)),
+        answer_start=prompt_len,
+        hidden=torch.arange(float(hidden_rows))[:, None].expand(hidden_rows, H),
+    )
+
+
+def test_recorded_head_data():
+    """Row i of an answer is the hidden state that produced answer token i: its column 0
+    target is that token."""
+    data = recorded_head_data([_answer(3, 4, 4), _answer(2, 1, 1)], max_heads=2)
+    assert data.hidden.shape == (5, H)
+    assert data.hidden[:, 0].tolist() == [0, 1, 2, 3, 0]
+    assert data.targets.tolist() == [
+        [3, 4, 5],
+        [4, 5, 6],
+        [5, 6, -1],
+        [6, -1, -1],
+        [2, -1, -1],
+    ]
+
+
+def test_recorded_head_data_refuses_misaligned_rows():
+    with pytest.raises(RuntimeError, match="3 hidden states for 4 answer tokens"):
+        recorded_head_data([_answer(3, 4, 3)])
+    missing = _answer(3, 4, 4)
+    missing.hidden = None
+    with pytest.raises(ValueError, match="no recorded hidden states"):
+        recorded_head_data([missing])
 
 
 # --- metrics ------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ def _train(args: argparse.Namespace) -> int:
         head_weight_decay=args.head_weight_decay,
         head_weights=args.head_weights,
         train_vocab=args.train_vocab,
+        negatives=args.negatives,
+        random_negatives=args.random_negatives,
         seed=args.seed,
         device=args.device,
     )
@@ -81,6 +83,12 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _load(argv: list[str]) -> int:
+    from vllm_medusa.loadtest import main as load_main
+
+    return load_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-medusa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("convert", help="convert a FasterDecoding checkpoint (see convert --help)")
     sub.add_parser("bench", help="benchmark tokens/s and acceptance (see bench --help)")
+    sub.add_parser("load", help="concurrent server load, Medusa vs none (see load --help)")
 
     p = sub.add_parser("train", help="train Medusa heads by self-distillation")
     p.add_argument("--base-model", type=Path, default=default_model_path())
@@ -119,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--head-weights", type=float, nargs="+", default=None, help="explicit loss weight per head"
     )
-    p.add_argument("--train-vocab", choices=["data", "full"], default="data")
+    p.add_argument(
+        "--train-vocab",
+        choices=["batch", "data", "full"],
+        default="batch",
+        help="tokens of the training softmax (see TrainConfig)",
+    )
+    p.add_argument("--negatives", type=int, default=16, help="base top-k tokens per row")
+    p.add_argument("--random-negatives", type=int, default=1024, help="random tokens per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from the saved state")
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return _convert(argv[1:])
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "load":
+        return _load(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

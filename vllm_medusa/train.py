@@ -26,6 +26,7 @@ from vllm_medusa.distill import HeadData
 HEADS_FILE = "medusa_lm_head.safetensors"
 NEGATIVES_PER_ROW = 16
 STATE_FILE = "train_state.pt"
+TRAIN_SAMPLE_ROWS = 20_000
 
 
 @dataclass
@@ -45,9 +46,13 @@ class TrainConfig:
     # head_weights lists one weight per head.
     head_weight_decay: float = 0.8
     head_weights: list[float] | None = None
-    # "data": softmax over the tokens the training targets use (much cheaper on CPU and
-    # nearly the same gradient); "full": over the whole vocabulary.
-    train_vocab: str = "data"
+    # Tokens the training softmax runs over. "batch": each step, the batch's targets, the
+    # base lm_head's top `negatives` tokens of each of its rows and `random_negatives`
+    # random tokens (many times cheaper on CPU); "data": every target token of the data
+    # plus each row's top `negatives`; "full": the whole vocabulary.
+    train_vocab: str = "batch"
+    negatives: int = 16
+    random_negatives: int = 1024
     seed: int = 0
     device: str = "cpu"
 
@@ -120,28 +125,55 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"unknown schedule {schedule!r}: use cosine, linear or constant")
 
 
-def _train_vocab(
-    data: HeadData, cfg: TrainConfig, lm_head: torch.Tensor, chunk: int = 4096
-) -> torch.Tensor | None:
-    """Token ids the training softmax runs over, or None for the whole vocabulary.
+@torch.inference_mode()
+def _base_top_tokens(
+    hidden: torch.Tensor, lm_head: torch.Tensor, k: int, chunk: int = 4096
+) -> torch.Tensor:
+    """[rows, k] the base lm_head's top-k tokens of each row (hidden: [rows, hidden]).
 
-    "data": every target token, plus the base lm_head's top `NEGATIVES_PER_ROW` tokens for
-    each row. A head starts as the identity, so the tokens its softmax must push down are
-    the ones the base lm_head already favours for that hidden state; tokens outside both
-    sets barely move the gradient, and leaving them out makes a step many times cheaper.
+    A head starts as the identity, so the tokens its softmax must push down first are the
+    ones the base lm_head already favours for that hidden state.
     """
-    if cfg.train_vocab == "full":
-        return None
-    if cfg.train_vocab != "data":
-        raise ValueError(f"unknown train_vocab {cfg.train_vocab!r}: use data or full")
-    used = torch.zeros(lm_head.shape[0], dtype=torch.bool)
+    tops = []
+    for start in range(0, hidden.shape[0], chunk):
+        rows = hidden[start : start + chunk].to(lm_head.device)
+        tops.append((rows @ lm_head.T).topk(k, dim=-1).indices.cpu())
+    return torch.cat(tops)
+
+
+def _data_vocab(data: HeadData, negatives: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """Token ids of the "data" softmax: every target and every row's base top-k tokens, or
+    None when that is the whole vocabulary."""
+    used = torch.zeros(vocab, dtype=torch.bool)
     used[data.targets[data.targets >= 0]] = True
-    with torch.inference_mode():
-        for start in range(0, data.hidden.shape[0], chunk):
-            hidden = data.hidden[start : start + chunk].to(lm_head.device)
-            top = (hidden @ lm_head.T).topk(NEGATIVES_PER_ROW, dim=-1).indices
-            used[top.flatten().cpu()] = True
+    used[negatives.flatten()] = True
     return None if bool(used.all()) else used.nonzero().flatten()
+
+
+def _batch_vocab(
+    targets: torch.Tensor, negatives: torch.Tensor, vocab: int, num_random: int, seed: int
+) -> torch.Tensor:
+    """Sorted token ids of one step's softmax: the batch's targets ([batch, heads]), its
+    rows' base top-k ([batch, k]) and random tokens, drawn from `seed` so that a resumed run
+    draws the same."""
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.randint(vocab, (num_random,), generator=generator)
+    ids = torch.cat([targets.flatten(), negatives.flatten(), random.to(targets.device)])
+    return ids[ids >= 0].unique()
+
+
+def _softmax_vocab(
+    cfg: TrainConfig, data: HeadData, lm_head: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(per-row base top-k tokens [rows, k] for "batch", fixed token ids for "data")."""
+    if cfg.train_vocab not in ("batch", "data", "full"):
+        raise ValueError(f"unknown train_vocab {cfg.train_vocab!r}: use batch, data or full")
+    if cfg.train_vocab == "full":
+        return None, None
+    negatives = _base_top_tokens(data.hidden, lm_head, cfg.negatives)
+    if cfg.train_vocab == "batch":
+        return negatives, None
+    return None, _data_vocab(data, negatives, lm_head.shape[0])
 
 
 def train_heads(
@@ -173,13 +205,7 @@ def train_heads(
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = max(1, int(cfg.warmup_ratio * total))
     weights = cfg.loss_weights()
-    subset = _train_vocab(data, cfg, lm_head)
-    # Map token id -> column of the reduced softmax.
-    remap = None
-    if subset is not None:
-        subset = subset.to(device)
-        remap = torch.full((lm_head.shape[0],), -1, dtype=torch.long, device=device)
-        remap[subset] = torch.arange(subset.numel(), device=device)
+    negatives, fixed_vocab = _softmax_vocab(cfg, data, lm_head)
 
     step = 0
     if resume and state_path is not None and state_path.is_file():
@@ -203,15 +229,24 @@ def train_heads(
         targets = data.targets[idx].to(device)  # [batch, 1 + max_heads]
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, total, warmup, cfg.schedule)
+        head_targets = targets[:, 1 : cfg.num_heads + 1]  # [batch, heads]
+        vocab_ids = fixed_vocab
+        if negatives is not None:
+            seed = cfg.seed * 1_000_003 + step
+            batch_negatives = negatives[idx].to(device)
+            vocab_ids = _batch_vocab(
+                head_targets, batch_negatives, lm_head.shape[0], cfg.random_negatives, seed
+            )
         loss = torch.zeros((), device=device)
         accs = []
         for h, state_h in enumerate(model.head_states(hidden)):
-            target = targets[:, h + 1]
+            target = head_targets[:, h]
             valid = target >= 0
             weight = model.lm_head_weight(h)
-            if remap is not None:
-                weight = weight[subset]
-                target = remap[target.clamp(min=0)]
+            if vocab_ids is not None:
+                weight = weight[vocab_ids]  # [train vocab, hidden]
+                # Column of each target in the reduced softmax (every target is in it).
+                target = torch.searchsorted(vocab_ids, target.clamp(min=0))
             logits = state_h[valid] @ weight.T  # [valid, train vocab]
             loss = loss + weights[h] * F.cross_entropy(logits, target[valid])
             accs.append((logits.argmax(-1) == target[valid]).float().mean().item())
@@ -318,14 +353,18 @@ def build_head_data(
     max_heads: int,
     max_tokens: int = 256,
     max_prompts: int | None = None,
-    device: str = "cpu",
 ) -> tuple[HeadData, HeadData | None, dict]:
     """Self-distilled training (and held-out) rows, cached in `data_dir`.
 
     The cache is keyed by every setting that changes its content, so a second run with the
     same settings (a resumed or re-tuned training) skips generation entirely.
     """
-    from vllm_medusa.distill import compute_hidden_states, generate_answers, load_prompts
+    from vllm_medusa.distill import (
+        generate_answers,
+        load_prompts,
+        recorded_head_data,
+        recording_llm,
+    )
 
     prompts = load_prompts(prompts_path)
     if max_prompts is not None:
@@ -339,6 +378,7 @@ def build_head_data(
         "max_heads": max_heads,
         "max_tokens": max_tokens,
         "num_prompts": len(prompts),
+        "hidden_states": "recorded in vLLM",
     }
     data_dir.mkdir(parents=True, exist_ok=True)
     key_path = data_dir / "data_key.json"
@@ -348,25 +388,23 @@ def build_head_data(
         held = HeadData.load(held_path) if held_path.is_file() else None
         return HeadData.load(train_path), held, seconds
 
-    from vllm import LLM
-
     from vllm_medusa.engine import engine_kwargs, shutdown
 
     start = time.perf_counter()
-    llm = LLM(model=base_model, **engine_kwargs(max_num_seqs=64))
-    sequences = generate_answers(llm, prompts, max_tokens=max_tokens)
-    shutdown(llm)
+    threads = torch.get_num_threads()  # the in-process engine lowers it for serving
+    llm, recorder = recording_llm(base_model, **engine_kwargs(max_num_seqs=64))
+    try:
+        sequences = generate_answers(llm, prompts, max_tokens=max_tokens, recorder=recorder)
+    finally:
+        shutdown(llm)
+        torch.set_num_threads(threads)
     seconds["generate"] = _elapsed(start)
-    start = time.perf_counter()
-    train_seqs = [s for s in sequences if s.split != "heldout"]
-    held_seqs = [s for s in sequences if s.split == "heldout"]
-    train = compute_hidden_states(base_model, train_seqs, max_heads, device, "Hidden (train)")
+    train = recorded_head_data([s for s in sequences if s.split != "heldout"], max_heads)
     train.save(train_path)
-    held = None
-    if held_seqs:
-        held = compute_hidden_states(base_model, held_seqs, max_heads, device, "Hidden (held)")
+    held_seqs = [s for s in sequences if s.split == "heldout"]
+    held = recorded_head_data(held_seqs, max_heads) if held_seqs else None
+    if held is not None:
         held.save(held_path)
-    seconds["hidden_states"] = _elapsed(start)
     key_path.write_text(json.dumps(key, indent=2))
     return train, held, seconds
 
@@ -395,7 +433,7 @@ def train_from_prompts(
         else Path(out_dir).with_name(Path(out_dir).name + ".data")
     )
     train, held, seconds = build_head_data(
-        base_model, prompts_path, data_dir, cfg.num_heads, max_tokens, max_prompts, cfg.device
+        base_model, prompts_path, data_dir, cfg.num_heads, max_tokens, max_prompts
     )
     start = time.perf_counter()
     model = train_heads(train, base.lm_head(), cfg, data_dir / STATE_FILE, resume=resume)
@@ -410,7 +448,10 @@ def train_from_prompts(
         "seconds": seconds,
     }
     if held is not None:
-        report["heldout"] = topk_accuracy(model, held)
+        report["heldout"] = topk_accuracy(model, held, ks=(1, 5, 10))
+    # The same on training rows (a sample): far above held-out means the heads memorise.
+    sample = HeadData(train.hidden[:TRAIN_SAMPLE_ROWS], train.targets[:TRAIN_SAMPLE_ROWS])
+    report["train_sample"] = topk_accuracy(model, sample, ks=(1, 5))
     report["seconds"]["total"] = _elapsed(start_all)
     write_fasterdecoding(model, Path(out_dir), base_model, base.hidden_size, base.vocab_size)
     (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
