@@ -1,8 +1,9 @@
 """The Medusa proposer the V1 model runner drives (replaces vLLM's, see patches/model_runner).
 
 Per step the runner hands over each request's hidden state at its last accepted token; the
-proposer turns them into draft tokens: the argmax of each of the first
-`num_speculative_tokens` heads, one chain per request.
+proposer turns them into draft tokens. Without a tree: the argmax of each of the first
+`num_speculative_tokens` heads, one chain per request. With a tree: each node's token is its
+head's candidate of the node's rank, in the tree's breadth-first order.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
 from vllm_medusa.model import MedusaHeads
+from vllm_medusa.tree import MedusaTree, tree_of_heads
 
 # Under "vllm." so that vLLM's logging configuration shows it.
 logger = init_logger(f"vllm.{__name__}")
 
 
 class MedusaProposer(VllmMedusaProposer):
+    def __init__(self, vllm_config, device: torch.device) -> None:
+        super().__init__(vllm_config=vllm_config, device=device)
+        self.tree: MedusaTree | None = tree_of_heads(self.spec_config.draft_model_config.hf_config)
+
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
         if not isinstance(self.model, MedusaHeads):
@@ -30,12 +36,12 @@ class MedusaProposer(VllmMedusaProposer):
         if self.model.original_lm_head:
             self.model.bind_target_lm_head(_target_lm_head(target_model))
         logger.info(
-            "vllm-medusa: %d heads x %d layers from %s, %s lm_head, %d speculative tokens",
+            "vllm-medusa: %d heads x %d layers from %s, %s lm_head, %s",
             self.model.num_heads,
             len(self.model.blocks[0].layers),
             self.model.checkpoint_dir,
             "shared target" if self.model.original_lm_head else "own",
-            self.num_speculative_tokens,
+            self.tree.describe() if self.tree else f"chain of {self.num_speculative_tokens}",
         )
 
     @torch.inference_mode()
@@ -46,11 +52,15 @@ class MedusaProposer(VllmMedusaProposer):
         sampling_metadata: SamplingMetadata,
         slot_mappings: object = None,
     ) -> torch.Tensor:
-        """target_hidden_states: [num_reqs, hidden] -> draft token ids [num_reqs, k]."""
-        # vLLM builds exactly num_speculative_tokens heads (it sets the config's num_heads).
-        head_states = torch.stack(self.model(target_hidden_states))  # [k, num_reqs, hidden]
-        logits = self.model.stacked_logits(head_states)  # [k, num_reqs, vocab]
-        return logits.argmax(dim=-1).transpose(0, 1)
+        """target_hidden_states: [num_reqs, hidden] -> draft token ids [num_reqs, drafts]."""
+        # The model holds exactly the heads in use (chain length or tree depth).
+        head_states = torch.stack(self.model(target_hidden_states))  # [heads, num_reqs, hidden]
+        logits = self.model.stacked_logits(head_states)  # [heads, num_reqs, vocab]
+        if self.tree is None:
+            return logits.argmax(dim=-1).transpose(0, 1)
+        candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
+        # [nodes, num_reqs] -> [num_reqs, nodes]
+        return candidates[self.tree.heads, :, self.tree.ranks].transpose(0, 1)
 
 
 def _target_lm_head(target_model: nn.Module) -> nn.Module:

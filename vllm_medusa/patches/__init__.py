@@ -11,10 +11,18 @@ Each module touches one vLLM surface and names the vLLM version it was read from
 - `speculative_config`: `SpeculativeConfig` validation rejects heads whose hidden size or
   vocabulary differ from the target model's, or fewer heads than speculative tokens.
 - `model_runner`: the V1 model runner builds `vllm_medusa.proposer.MedusaProposer` where it
-  would build vLLM's.
+  would build vLLM's, and verifies Medusa trees (positions, path choice, KV moves, drafter
+  input).
+- `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
 """
 
-from vllm_medusa.patches import medusa_config, model_registry, model_runner, speculative_config
+from vllm_medusa.patches import (
+    cpu_attention,
+    medusa_config,
+    model_registry,
+    model_runner,
+    speculative_config,
+)
 
 
 def apply() -> None:
@@ -22,3 +30,4 @@ def apply() -> None:
     medusa_config.apply()
     speculative_config.apply()
     model_runner.apply()
+    cpu_attention.apply()

@@ -5,9 +5,20 @@ Its pydantic validator `_verify_args` ends by calling
 (the `LLM(...)` caller or the API server), after the heads' config is read. Extending that
 call makes heads made for another model fail there, with one message, instead of failing
 later inside a worker or drafting garbage.
+
+The same call resolves the Medusa tree (`vllm_medusa.tree.configured_tree`), once, in that
+process: with a tree, `num_speculative_tokens` becomes the tree's node count (the drafts the
+scheduler makes room for per request and step), the heads' config asks for as many heads as
+the tree is deep, and the resolved tree travels on that config to the engine's processes.
 """
 
 from __future__ import annotations
+
+import logging
+
+from vllm_medusa.tree import CONFIG_KEY, RESOLVED_ATTR, MedusaTree, configured_tree, resolved_form
+
+logger = logging.getLogger(f"vllm.{__name__}")
 
 _ORIGINAL_ATTR = "_vllm_medusa_original_verify_vocab"
 
@@ -16,7 +27,7 @@ def check_heads_fit_target(
     *,
     heads_dir: str,
     num_heads: int,
-    num_speculative_tokens: int,
+    num_speculative_tokens: int | None,
     heads_hidden: int,
     heads_vocab: int | None,
     target_hidden: int,
@@ -32,11 +43,32 @@ def check_heads_fit_target(
             f"Medusa heads {heads_dir!r} predict a vocabulary of {heads_vocab} tokens but the "
             f"target model has {target_vocab}: use heads trained for this model"
         )
-    if num_speculative_tokens > num_heads:
+    if num_speculative_tokens is not None and num_speculative_tokens > num_heads:
         raise ValueError(
             f"num_speculative_tokens={num_speculative_tokens} but {heads_dir!r} has only "
             f"{num_heads} Medusa heads: set num_speculative_tokens to at most {num_heads}"
         )
+
+
+def use_tree(spec_config, heads, tree: MedusaTree | None, num_heads: int) -> None:
+    """Size the speculation for `tree` (None: the chain vLLM configured)."""
+    if tree is None:
+        setattr(heads, RESOLVED_ATTR, None)
+        return
+    if tree.depth > num_heads:
+        raise ValueError(
+            f"Medusa {tree.describe()} needs {tree.depth} heads but "
+            f"{spec_config.draft_model_config.model!r} has {num_heads}: use a tree at most "
+            f"{num_heads} deep"
+        )
+    heads.num_heads = tree.depth
+    if tree.is_chain:
+        spec_config.num_speculative_tokens = tree.depth
+        setattr(heads, RESOLVED_ATTR, None)
+    else:
+        spec_config.num_speculative_tokens = tree.num_nodes
+        setattr(heads, RESOLVED_ATTR, resolved_form(tree))
+    logger.info("vllm-medusa: %s", tree.describe())
 
 
 def apply() -> None:
@@ -53,15 +85,18 @@ def apply() -> None:
             return
         heads = self.draft_model_config.hf_config
         target = self.target_model_config
+        num_heads = getattr(heads, "checkpoint_num_heads", heads.num_heads)
+        tree = configured_tree(getattr(heads, CONFIG_KEY, None))
         check_heads_fit_target(
             heads_dir=self.draft_model_config.model,
-            num_heads=getattr(heads, "checkpoint_num_heads", heads.num_heads),
-            num_speculative_tokens=self.num_speculative_tokens,
+            num_heads=num_heads,
+            num_speculative_tokens=None if tree else self.num_speculative_tokens,
             heads_hidden=heads.hidden_size,
             heads_vocab=getattr(heads, "heads_vocab_size", None),
             target_hidden=target.get_hidden_size(),
             target_vocab=target.get_vocab_size(),
         )
+        use_tree(self, heads, tree, num_heads)
 
     SpeculativeConfig.verify_equal_vocab_size_if_draft_model = (
         verify_equal_vocab_size_if_draft_model

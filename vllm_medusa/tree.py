@@ -1,0 +1,236 @@
+"""Medusa trees: which top-k candidates of which heads are verified together in one step.
+
+A tree is FasterDecoding's `medusa_choices`: a list of paths, each a tuple of top-k ranks,
+one rank per head. `(0, 2)` is the node "head 0's best token, then head 1's third best". The
+nodes are put in breadth-first order (by depth, then by path), so every node comes after its
+parent and any prefix of the order is a tree too: the scheduler may cut a request's drafts
+short near `max_model_len` and what is left is still verifiable.
+
+Node 0 is the root: the last token the target sampled, already known. Draft node j (1-based)
+is fed at position `context + depth(j)` and may see the context, its ancestors and itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# FasterDecoding chooses each node among a head's 10 best tokens.
+TOP_K_LIMIT = 10
+# vLLM 0.32's rejection sampler verifies at most this many drafts per request.
+MAX_TREE_NODES = 128
+# Set per process to override the tree in the heads' config.json.
+TREE_ENV = "VLLM_MEDUSA_TREE"
+CONFIG_KEY = "medusa_choices"
+# Where the resolved tree travels, on the heads' config, to the engine's processes.
+RESOLVED_ATTR = "vllm_medusa_tree"
+
+
+class TreeError(ValueError):
+    """A tree that cannot be verified as given."""
+
+
+def named_trees() -> dict[str, list[list[int]]]:
+    """FasterDecoding's published trees (63 nodes each), by name."""
+    text = resources.files("vllm_medusa.data").joinpath("medusa_trees.json").read_text()
+    return json.loads(text)
+
+
+def chain_paths(length: int) -> list[list[int]]:
+    """The degenerate tree: each head's best token, one after another."""
+    return [[0] * depth for depth in range(1, length + 1)]
+
+
+@dataclass(frozen=True)
+class MedusaTree:
+    """A validated tree in breadth-first order, with the buffers verification needs."""
+
+    name: str
+    paths: tuple[tuple[int, ...], ...]  # the draft nodes 1..N, breadth-first
+    _index: dict[tuple[int, ...], int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {p: j + 1 for j, p in enumerate(self.paths)})
+
+    @property
+    def num_nodes(self) -> int:
+        """Draft tokens per request and step (the root excluded)."""
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        """Heads the tree uses: the longest path."""
+        return max(len(p) for p in self.paths)
+
+    @property
+    def top_k(self) -> int:
+        """Candidates per head the proposer must rank."""
+        return max(max(p) for p in self.paths) + 1
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == (0,) * len(p) for p in self.paths) and self.num_nodes == self.depth
+
+    @cached_property
+    def depths(self) -> np.ndarray:
+        """[N + 1] depth of each node, root 0: its position offset past the context."""
+        return np.array([0] + [len(p) for p in self.paths], dtype=np.int64)
+
+    @cached_property
+    def parents(self) -> np.ndarray:
+        """[N + 1] parent node of each node, -1 for the root."""
+        return np.array([-1] + [self._index.get(p[:-1], 0) for p in self.paths], dtype=np.int64)
+
+    @cached_property
+    def heads(self) -> torch.Tensor:
+        """[N] head that proposes each draft node."""
+        return torch.tensor([len(p) - 1 for p in self.paths], dtype=torch.long)
+
+    @cached_property
+    def ranks(self) -> torch.Tensor:
+        """[N] rank of each draft node's token among its head's top-k."""
+        return torch.tensor([p[-1] for p in self.paths], dtype=torch.long)
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """Children of each node (root included), in breadth-first order."""
+        kids: list[list[int]] = [[] for _ in range(self.num_nodes + 1)]
+        for node in range(1, self.num_nodes + 1):
+            kids[self.parents[node]].append(node)
+        return tuple(tuple(k) for k in kids)
+
+    @cached_property
+    def attention_mask(self) -> torch.Tensor:
+        """[N + 1, N + 1] bool: row i may attend to column j (j is i or an ancestor of i)."""
+        n = self.num_nodes + 1
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for node in range(n):
+            ancestor = node
+            while ancestor >= 0:
+                mask[node, ancestor] = True
+                ancestor = int(self.parents[ancestor])
+        return mask
+
+    @cached_property
+    def leaf_paths(self) -> torch.Tensor:
+        """[num_leaves, depth + 1] node indices from the root to each leaf, -1 padded."""
+        leaves = [j for j in range(1, self.num_nodes + 1) if not self.children[j]]
+        rows = []
+        for leaf in leaves:
+            row, node = [], leaf
+            while node >= 0:
+                row.append(node)
+                node = int(self.parents[node])
+            rows.append(row[::-1] + [-1] * (self.depth + 1 - len(row)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def describe(self) -> str:
+        kind = "chain" if self.is_chain else "tree"
+        return f"{kind} {self.name!r}: {self.num_nodes} nodes, depth {self.depth}, top-{self.top_k}"
+
+
+def build_tree(paths: Any, name: str = "custom") -> MedusaTree:
+    """Validate FasterDecoding-style paths and order them breadth-first."""
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise TreeError(
+            f"Medusa tree {name!r} must be a non-empty list of paths, e.g. [[0], [0, 1]]"
+        )
+    seen: set[tuple[int, ...]] = set()
+    for raw in paths:
+        if (
+            not isinstance(raw, (list, tuple))
+            or not raw
+            or not all(isinstance(r, int) and not isinstance(r, bool) for r in raw)
+        ):
+            raise TreeError(
+                f"Medusa tree {name!r}: path {raw!r} is not a non-empty list of top-k ranks"
+            )
+        path = tuple(raw)
+        if min(path) < 0 or max(path) >= TOP_K_LIMIT:
+            raise TreeError(
+                f"Medusa tree {name!r}: path {list(path)} uses rank {max(path)}; ranks must be "
+                f"0..{TOP_K_LIMIT - 1} (a head's top {TOP_K_LIMIT} tokens)"
+            )
+        if path in seen:
+            raise TreeError(f"Medusa tree {name!r}: path {list(path)} appears twice")
+        seen.add(path)
+    for path in seen:
+        if len(path) > 1 and path[:-1] not in seen:
+            raise TreeError(
+                f"Medusa tree {name!r}: path {list(path)} has no parent {list(path[:-1])}: "
+                "add the parent path or remove this one"
+            )
+    if len(seen) > MAX_TREE_NODES:
+        raise TreeError(
+            f"Medusa tree {name!r} has {len(seen)} nodes; vLLM verifies at most "
+            f"{MAX_TREE_NODES} draft tokens per request: use a smaller tree"
+        )
+    return MedusaTree(name=name, paths=tuple(sorted(seen, key=lambda p: (len(p), p))))
+
+
+def parse_tree(spec: Any) -> MedusaTree:
+    """A tree from a setting: a name, "chain:K", a JSON list, a JSON file, or a list."""
+    if isinstance(spec, (list, tuple)):
+        return build_tree(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise TreeError(f"Medusa tree setting {spec!r} is not a name, a list or a file")
+    text = spec.strip()
+    trees = named_trees()
+    if text in trees:
+        return build_tree(trees[text], name=text)
+    if text.startswith("chain:"):
+        length = text.split(":", 1)[1]
+        if not length.isdigit() or int(length) < 1:
+            raise TreeError(f"Medusa tree {text!r}: write chain:K with K >= 1, e.g. chain:4")
+        return build_tree(chain_paths(int(length)), name=text)
+    if text.startswith("["):
+        try:
+            return build_tree(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise TreeError(f"Medusa tree {text[:40]!r} is not valid JSON: {e}") from None
+    if text.endswith(".json") or os.path.sep in text:
+        return _tree_from_file(Path(text))
+    raise TreeError(
+        f"unknown Medusa tree {text!r}: use one of {', '.join(sorted(trees))}, chain:K, "
+        "a JSON list of paths or a .json file"
+    )
+
+
+def _tree_from_file(path: Path) -> MedusaTree:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TreeError(f"Medusa tree file {str(path)!r} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise TreeError(f"Medusa tree file {str(path)!r} cannot be read as JSON: {e}") from None
+    if isinstance(data, dict):
+        data = data.get(CONFIG_KEY)
+    return build_tree(data, name=path.name)
+
+
+def configured_tree(config_value: Any) -> MedusaTree | None:
+    """The tree this process asks for: `VLLM_MEDUSA_TREE` if set, else the heads' config.json
+    `medusa_choices` (passed in), else none (a chain of `num_speculative_tokens` heads)."""
+    spec = os.environ.get(TREE_ENV) or config_value
+    return None if spec is None else parse_tree(spec)
+
+
+def tree_of_heads(heads_config: Any) -> MedusaTree | None:
+    """The tree the engine verifies, as resolved once where the settings were parsed and
+    carried to every process on the heads' config; None for a chain."""
+    resolved = getattr(heads_config, RESOLVED_ATTR, None)
+    if resolved is None:
+        return None
+    return build_tree(resolved["paths"], name=resolved["name"])
+
+
+def resolved_form(tree: MedusaTree) -> dict[str, Any]:
+    return {"name": tree.name, "paths": [list(p) for p in tree.paths]}

@@ -1,0 +1,169 @@
+"""Attention for tree verification over vLLM's paged KV cache.
+
+vLLM's CPU attention kernel knows only causal masks. In a step that verifies trees, the kernel
+still runs for the whole batch (prefill chunks, plain decodes and trees alike), then the rows
+of each tree request are recomputed here with the tree's mask: each node sees the request's
+context, its ancestors and itself. The tree tokens' keys and values are already in the cache
+at their slots (context + node index) when this runs, so one gather per request reads the
+context and the tree together.
+
+How a block stores its keys and values is the kernel's business and differs between its
+instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
+measured once per instruction set by caching known values with the kernel's own cache write.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+
+@dataclass
+class TreeSequence:
+    """One request verifying a tree in this step."""
+
+    req_index: int  # its row in the batch (and in the attention block table)
+    token_start: int  # its root's index among the step's tokens
+    num_tokens: int  # root + draft nodes
+    kv_len: int  # context + root + draft nodes: the slots it reads
+    mask: torch.Tensor  # [num_tokens, kv_len] bool: the whole context, then the tree mask
+
+
+@dataclass
+class TreeStep:
+    """Every tree request of the current step, for the attention layers to read."""
+
+    sequences: list[TreeSequence]
+
+
+_current_step: TreeStep | None = None
+
+
+def set_tree_step(step: TreeStep | None) -> None:
+    """Set by the model runner around a forward pass that verifies trees."""
+    global _current_step
+    _current_step = step
+
+
+def current_tree_step() -> TreeStep | None:
+    return _current_step
+
+
+def tree_mask(context_len: int, node_mask: torch.Tensor) -> torch.Tensor:
+    """[n, context_len + n] bool: every node sees the whole context, then its tree rows."""
+    n = node_mask.shape[0]
+    mask = torch.ones(n, context_len + n, dtype=torch.bool)
+    mask[:, context_len:] = node_mask
+    return mask
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where token t's channel c lives in one (block, KV head) stretch of a CPU KV cache
+    ([num_blocks, num_kv_heads, block_size, 2 * head] viewed as 2 * block_size * head values:
+    the keys' half, then the values' half)."""
+
+    key_index: torch.Tensor  # [block_size, head] long
+    value_index: torch.Tensor  # [block_size, head] long
+
+    def slot_index(self, offsets: torch.Tensor) -> torch.Tensor:
+        """[M] in-block offsets -> [M, 2 * head]: a token's keys, then its values."""
+        return torch.cat([self.key_index[offsets], self.value_index[offsets]], dim=1)
+
+
+@functools.cache
+def kv_layout(isa: str, block_size: int, head: int, dtype: torch.dtype) -> KVLayout:
+    from vllm import _custom_ops as ops
+
+    cache = torch.zeros(1, 1, block_size, 2 * head, dtype=dtype)
+    key_cache, value_cache = cache.view(1, 1, 2 * block_size, head).chunk(2, dim=2)
+    slots = torch.arange(block_size)
+
+    def written(fill: torch.Tensor) -> torch.Tensor:
+        """Cache `fill` ([block_size, head], small integers, exact in any float type) as the
+        keys and values of tokens 0..block_size-1; return the block's values, flat."""
+        cache.zero_()
+        kv = fill.to(dtype).unsqueeze(1)  # [block_size, 1, head]
+        ops.cpu_attn_reshape_and_cache(
+            kv, kv, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0
+        )
+        return cache.flatten().long()
+
+    token = written((slots[:, None] + 1).expand(block_size, head)) - 1
+    channel = written((torch.arange(head)[None, :] + 1).expand(block_size, head)) - 1
+    half = block_size * head
+    position = torch.arange(2 * half)
+    indices = []
+    for part in (slice(0, half), slice(half, 2 * half)):
+        index = torch.full((block_size, head), -1, dtype=torch.long)
+        index[token[part], channel[part]] = position[part]
+        if (index < 0).any():
+            raise RuntimeError(f"CPU KV cache layout of ISA {isa!r} could not be measured")
+        indices.append(index)
+    return KVLayout(key_index=indices[0], value_index=indices[1])
+
+
+def attend_trees(
+    step: TreeStep,
+    query: torch.Tensor,  # [num_tokens, num_heads, head]
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head]
+    layout: KVLayout,
+    block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+    output: torch.Tensor,  # [num_tokens, num_heads, head]: tree rows are overwritten
+) -> None:
+    num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
+    head = two_head // 2
+    stretches = kv_cache.view(num_blocks, num_kv_heads, block_size * two_head)
+    for seq in step.sequences:
+        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+        blocks = block_table[seq.req_index, : -(-seq.kv_len // block_size)].long()
+        chunk = stretches[blocks]  # [blocks, num_kv_heads, block_size * 2 * head]
+        # [num_kv_heads, blocks * block_size, head]
+        keys = chunk[:, :, layout.key_index].transpose(0, 1).reshape(num_kv_heads, -1, head)
+        values = chunk[:, :, layout.value_index].transpose(0, 1).reshape(num_kv_heads, -1, head)
+        attended = F.scaled_dot_product_attention(
+            query[rows].transpose(0, 1),  # [num_heads, n, head]
+            keys[:, : seq.kv_len],
+            values[:, : seq.kv_len],
+            attn_mask=seq.mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        output[rows] = attended.transpose(0, 1).to(output.dtype)
+
+
+class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+    """vLLM's CPU attention, then the tree requests' rows again with their tree mask."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
+        output = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
+        )
+        step = current_tree_step()
+        if step is None or attn_metadata is None:
+            return output
+        if (
+            self.sliding_window != -1
+            or self.alibi_slopes is not None
+            or self.sinks is not None
+            or self.is_fp8_kv_cache
+        ):
+            raise NotImplementedError(
+                "vllm-medusa tree verification supports plain causal attention with an "
+                "unquantized KV cache only: use a chain (VLLM_MEDUSA_TREE=chain:K)"
+            )
+        _, _, block_size, two_head = kv_cache.shape
+        layout = kv_layout(layer.isa, block_size, two_head // 2, kv_cache.dtype)
+        attend_trees(step, query, kv_cache, layout, attn_metadata.block_table, self.scale, output)
+        return output
+
+
+class TreeCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[TreeCPUAttentionBackendImpl]:
+        return TreeCPUAttentionBackendImpl
