@@ -1,0 +1,221 @@
+"""Medusa behind vLLM's OpenAI-compatible server, through the official `openai` client.
+
+Two servers serve the whole module: one without speculation (the reference) and one with the
+shipped heads. Greedy output through every path (completions, chat, streaming, concurrent
+mixed load, after a client walks away) must equal the reference token for token. Bad
+speculative configs must stop the server at start-up with one line saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fasterdecoding_fixtures import heads_config, make_heads, save_heads_folder
+
+from vllm_medusa.distill import load_prompts
+from vllm_medusa.heads import default_heads_path
+from vllm_medusa.loadtest import (
+    build_requests,
+    choice_token_ids,
+    greedy_kwargs,
+    mismatches,
+    run_load,
+    summarize,
+)
+from vllm_medusa.server import Server, launch, spec_decode_metrics, wait_ready
+
+MAX_TOKENS = 48
+# Each entry starts one Medusa server, shared by every test below: add another speculative
+# config (extra keys merged into the shipped heads' config) with one more line.
+SPEC_CONFIGS = [
+    pytest.param({"num_speculative_tokens": 4}, id="chain4"),
+]
+
+
+def medusa_config(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"method": "medusa", "model": str(default_heads_path()), **extra}
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return [p.turns[0] for p in load_prompts(split="heldout")[:4]]
+
+
+@pytest.fixture(scope="module")
+def reference_launch(smollm2_dir: Path, tmp_path_factory) -> Iterator[Server]:
+    """The server without speculation, started but not waited for: both servers start side by
+    side."""
+    server = launch(smollm2_dir, tmp_path_factory.mktemp("servers") / "reference.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=SPEC_CONFIGS)
+def medusa_server(
+    smollm2_dir: Path, tmp_path_factory, request, reference_launch: Server
+) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("servers") / "medusa.log"
+    server = launch(smollm2_dir, log, medusa_config(request.param))
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference_server(reference_launch: Server) -> Server:
+    wait_ready(reference_launch)
+    return reference_launch
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def greedy(
+    server: Server, api: str, prompt: str, stream: bool = False, max_tokens: int = MAX_TOKENS
+) -> tuple[str, list[int] | None, str]:
+    """(text, token ids, finish reason) of one greedy request."""
+    kwargs = greedy_kwargs(server.model, max_tokens, stream, api)
+    c = client(server)
+    if api == "chat":
+        call = c.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kwargs)
+    else:
+        call = c.completions.create(prompt=prompt, **kwargs)
+    if not stream:
+        choice = call.choices[0]
+        text = choice.message.content if api == "chat" else choice.text
+        return text, choice_token_ids(choice), choice.finish_reason
+    text, ids, finish = "", [], ""
+    for chunk in call:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        text += (choice.delta.content if api == "chat" else choice.text) or ""
+        ids += choice_token_ids(choice) or []
+        finish = choice.finish_reason or finish
+    return text, ids, finish
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(reference_server: Server, prompts: list[str]) -> dict[tuple[str, str], Any]:
+    return {
+        (api, p): greedy(reference_server, api, p)
+        for api in ("completion", "chat")
+        for p in prompts
+    }
+
+
+@pytest.mark.parametrize("api", ["completion", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_greedy_output_matches_server_without_speculation(
+    medusa_server: Server, reference_outputs, prompts: list[str], api: str, stream: bool
+):
+    for prompt in prompts:
+        expected = reference_outputs[(api, prompt)]
+        assert expected[1]
+        assert greedy(medusa_server, api, prompt, stream=stream) == expected, prompt
+
+
+def test_metrics_count_drafts_and_accepted_tokens(medusa_server: Server, prompts: list[str]):
+    before = spec_decode_metrics(medusa_server.root_url)
+    for prompt in prompts:
+        greedy(medusa_server, "chat", prompt, max_tokens=64)
+    moved = spec_decode_metrics(medusa_server.root_url).minus(before)
+    assert moved.num_drafts > 0
+    assert moved.num_draft_tokens >= moved.num_drafts
+    assert moved.num_accepted_tokens > 0, moved.as_dict()
+    assert sum(moved.accepted_per_position) == moved.num_accepted_tokens
+
+
+def running_requests(server: Server) -> float:
+    text = httpx.get(f"{server.root_url}/metrics", timeout=10).text
+    lines = [ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running")]
+    return sum(float(ln.rpartition(" ")[2]) for ln in lines)
+
+
+def test_server_keeps_serving_after_disconnect_and_abort(
+    medusa_server: Server, reference_outputs, prompts: list[str]
+):
+    body = {
+        "model": medusa_server.model,
+        "prompt": prompts[0],
+        "max_tokens": 400,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    # A streaming client that reads a few chunks and hangs up.
+    with httpx.Client(timeout=60) as http:
+        url = f"{medusa_server.base_url}/completions"
+        with http.stream("POST", url, json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            for i, _ in enumerate(response.iter_lines()):
+                if i >= 3:
+                    break
+    # A non-streaming client that gives up before the answer.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{medusa_server.base_url}/completions", json=body, timeout=2.0)
+    # Both requests must be dropped by the engine, not run to 400 tokens.
+    deadline = time.monotonic() + 30
+    while running_requests(medusa_server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running_requests(medusa_server) == 0
+    for api in ("completion", "chat"):
+        assert greedy(medusa_server, api, prompts[0]) == reference_outputs[(api, prompts[0])]
+
+
+def test_concurrent_mixed_load_matches_reference(
+    reference_server: Server, medusa_server: Server, prompts: list[str]
+):
+    """A reduced `vllm-medusa load`: 40 requests, 16 at a time, both servers in turn."""
+    texts = [p.turns[0] for p in load_prompts(split="heldout")]
+    requests = build_requests(texts, num_requests=40, max_tokens=32, seed=1)
+    assert {r.api for r in requests} == {"completion", "chat"}
+    assert {r.stream for r in requests} == {False, True}
+    assert any(r.stop for r in requests) and any(r.max_tokens == 1 for r in requests)
+
+    ref, ref_wall = asyncio.run(run_load(reference_server.base_url, requests, concurrency=16))
+    got, got_wall = asyncio.run(run_load(medusa_server.base_url, requests, concurrency=16))
+    print(summarize("reference", ref, ref_wall).line())
+    print(summarize("medusa", got, got_wall).line())
+    assert [r.error for r in ref] == [None] * len(requests)
+    assert [r.error for r in got] == [None] * len(requests)
+    assert mismatches(ref, got) == []
+    assert sum(r.num_tokens for r in got) > len(requests)
+
+
+def wrong_model_heads(folder: Path) -> Path:
+    """Heads made for a model of hidden size 128 (SmolLM2's is 576)."""
+    heads = make_heads(hidden=128, vocab=49152, num_heads=4, num_layers=1, own_lm_head=False)
+    return save_heads_folder(folder, heads, heads_config(4, 1, version="2"), fmt="safetensors")
+
+
+@pytest.mark.parametrize(
+    ("make_heads_dir", "expected"),
+    [
+        (wrong_model_heads, "hidden size 128 but the target model has 576"),
+        (lambda folder: folder, "Invalid repository ID or local directory specified"),
+    ],
+    ids=["wrong-model-heads", "missing-folder"],
+)
+def test_bad_speculative_config_stops_server_at_startup(
+    smollm2_dir: Path, tmp_path: Path, make_heads_dir, expected: str
+):
+    heads = make_heads_dir(tmp_path / "heads")
+    config = {"method": "medusa", "model": str(heads), "num_speculative_tokens": 4}
+    server = launch(smollm2_dir, tmp_path / "server.log", config)
+    try:
+        code = server.process.wait(timeout=240)
+    finally:
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert code != 0
+    assert any(expected in line for line in log.splitlines()), server.log_tail()
