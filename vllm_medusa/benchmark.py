@@ -1,8 +1,9 @@
 """`vllm-medusa bench`: greedy tokens/s and acceptance length, with and without Medusa.
 
-Three engines on the same prompts: no speculation, vLLM's built-in Medusa (this plugin
-disabled through `VLLM_PLUGINS`) and this plugin, each in its own process so that one
-engine's plugin state or memory never touches another's. Batch size b means b requests in
+Engines on the same prompts: no speculation, vLLM's built-in Medusa (this plugin disabled
+through `VLLM_PLUGINS`), this plugin with a chain of k heads, and this plugin with a tree
+(`--tree`), each in its own process so that one engine's plugin state or memory never
+touches another's. Batch size b means b requests in
 flight: b=1 sends the prompts one after another, b>1 sends them all and lets the engine run
 b at a time. Every run's outputs are compared with the no-speculation outputs.
 """
@@ -21,8 +22,9 @@ from pathlib import Path
 
 from vllm_medusa.default_model import default_model_path
 from vllm_medusa.heads import default_heads_path
+from vllm_medusa.tree import TREE_ENV
 
-CONFIGS = ("none", "vllm-medusa-builtin", "plugin")
+CONFIGS = ("none", "vllm-medusa-builtin", "plugin-chain", "plugin-tree")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -155,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("-k", type=int, default=4, help="speculative tokens (heads used)")
+    p.add_argument("-k", type=int, default=4, help="chain length (heads used by the chains)")
+    p.add_argument(
+        "--tree",
+        default=None,
+        help="tree for plugin-tree: a name, chain:K, a JSON list or a .json file "
+        "(default: the heads' config.json medusa_choices)",
+    )
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -174,9 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         for config in args.configs:
             heads = args.heads
             env = dict(os.environ)
+            env.pop(TREE_ENV, None)
             if config == "vllm-medusa-builtin":
                 heads = _builtin_heads(args.heads, args.model, Path(tmp))
                 env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM's own Medusa
+            elif config == "plugin-chain":
+                env[TREE_ENV] = f"chain:{args.k}"
+            elif config == "plugin-tree" and args.tree:
+                env[TREE_ENV] = args.tree
             out = Path(tmp) / f"{config}.json"
             cmd = [
                 sys.executable,

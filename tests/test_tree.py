@@ -1,0 +1,255 @@
+"""Medusa trees and their verification pieces, without an engine: tree buffers against
+hand-worked trees, every named tree's structure, settings errors, path choice, KV moves and
+tree attention against a brute-force reference over a cache written by vLLM's own kernel."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from vllm import _custom_ops as ops
+
+from vllm_medusa.tree import (
+    MAX_TREE_NODES,
+    TREE_ENV,
+    TreeError,
+    build_tree,
+    configured_tree,
+    named_trees,
+    parse_tree,
+)
+from vllm_medusa.tree_attention import TreeSequence, TreeStep, attend_trees, kv_layout, tree_mask
+from vllm_medusa.verify import accepted_nodes, chain_view, choose_paths, copy_kv_slots, kv_moves
+
+# Given out of order on purpose: nodes are numbered breadth-first, then by path.
+SMALL = [[1], [0, 1], [0], [1, 0], [0, 0]]
+#          root
+#        /      \
+#   1:(0)        2:(1)
+#   /    \          \
+# 3:(0,0) 4:(0,1)  5:(1,0)
+
+
+def test_small_tree_buffers_by_hand():
+    tree = build_tree(SMALL)
+    assert tree.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0))
+    assert tree.num_nodes == 5 and tree.depth == 2 and tree.top_k == 2
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2]
+    assert tree.heads.tolist() == [0, 0, 1, 1, 1]
+    assert tree.ranks.tolist() == [0, 1, 0, 1, 0]
+    assert tree.children == ((1, 2), (3, 4), (5,), (), (), ())
+    assert tree.attention_mask.int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 0, 1, 0, 0, 1],
+    ]
+    assert tree.leaf_paths.tolist() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    assert not tree.is_chain
+
+
+def test_chain_is_a_degenerate_tree():
+    tree = parse_tree("chain:3")
+    assert tree.is_chain
+    assert tree.paths == ((0,), (0, 0), (0, 0, 0))
+    assert tree.attention_mask.tolist() == torch.tril(torch.ones(4, 4, dtype=torch.bool)).tolist()
+    assert tree.leaf_paths.tolist() == [[0, 1, 2, 3]]
+
+
+def test_mc_sim_7b_63_by_hand():
+    tree = parse_tree("mc_sim_7b_63")
+    assert tree.num_nodes == 63 and tree.depth == 4 and tree.top_k == 10
+    # Depth 1 holds head 0's top 10 (nodes 1-10); (0, 0) is the first depth-2 node.
+    assert tree.paths[:10] == tuple((r,) for r in range(10))
+    assert tree.paths[10] == (0, 0) and tree.parents[11] == 1
+    deepest = tree.paths.index((0, 0, 0, 0)) + 1
+    ancestors = torch.nonzero(tree.attention_mask[deepest]).flatten().tolist()
+    assert [tree.paths[a - 1] for a in ancestors[1:]] == [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("name", sorted(named_trees()))
+def test_named_tree_structure(name):
+    tree = parse_tree(name)
+    assert tree.num_nodes == 63
+    depths = tree.depths.tolist()
+    assert depths == sorted(depths)  # breadth-first: a prefix of the order is a tree
+    mask = tree.attention_mask
+    for node in range(1, tree.num_nodes + 1):
+        parent = int(tree.parents[node])
+        assert parent < node and depths[node] == depths[parent] + 1
+        assert tree.paths[node - 1][:-1] == (tree.paths[parent - 1] if parent else ())
+        # A node sees exactly its parent's view plus itself.
+        expected = mask[parent].clone()
+        expected[node] = True
+        assert mask[node].tolist() == expected.tolist()
+    leaves = {j for j in range(1, tree.num_nodes + 1) if not tree.children[j]}
+    assert {int(row[row >= 0][-1]) for row in tree.leaf_paths} == leaves
+    for row in tree.leaf_paths.tolist():
+        nodes = [n for n in row if n >= 0]
+        assert all(int(tree.parents[b]) == a for a, b in zip(nodes, nodes[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("paths", "words"),
+    [
+        ([[0, 1]], "has no parent [0]"),
+        ([[0], [0, 0], [0, 1, 0]], "has no parent [0, 1]"),
+        ([[0], [10]], "ranks must be 0..9"),
+        ([[0], [-1]], "ranks must be 0..9"),
+        ([[0], [0]], "appears twice"),
+        ([], "non-empty list"),
+        ([[0], []], "not a non-empty list"),
+        ([[0], ["a"]], "not a non-empty list"),
+        (
+            [[i] for i in range(10)]
+            + [[i, j] for i in range(10) for j in range(10)]
+            + [[0, 0, k] for k in range(10)]
+            + [[0, 0, 0, k] for k in range(10)],
+            f"vLLM verifies at most {MAX_TREE_NODES}",
+        ),
+    ],
+)
+def test_malformed_trees_refused(paths, words):
+    with pytest.raises(TreeError) as info:
+        build_tree(paths)
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_tree_settings_forms(tmp_path):
+    assert parse_tree(json.dumps(SMALL)).paths == build_tree(SMALL).paths
+    listed = tmp_path / "tree.json"
+    listed.write_text(json.dumps(SMALL))
+    assert parse_tree(str(listed)).num_nodes == 5
+    in_config = tmp_path / "config.json"
+    in_config.write_text(json.dumps({"medusa_choices": [[0], [0, 0]]}))
+    assert parse_tree(str(in_config)).is_chain
+    for bad, words in [
+        ("nope", "unknown Medusa tree 'nope'"),
+        ("chain:x", "chain:K"),
+        ("[[0],", "not valid JSON"),
+        (str(tmp_path / "missing.json"), "does not exist"),
+    ]:
+        with pytest.raises(TreeError, match=words):
+            parse_tree(bad)
+
+
+def test_process_setting_overrides_heads_config(monkeypatch):
+    monkeypatch.delenv(TREE_ENV, raising=False)
+    assert configured_tree(None) is None
+    assert configured_tree([[0], [1]]).num_nodes == 2
+    monkeypatch.setenv(TREE_ENV, "zephyr_stage2")
+    assert configured_tree([[0], [1]]).name == "zephyr_stage2"
+
+
+def test_path_follows_the_targets_best_child_and_stops_at_leaves():
+    tree = build_tree(SMALL)
+    vocab = 8
+    draft = torch.tensor([3, 4, 5, 6, 7])  # tokens of nodes 1..5
+    logits = torch.zeros(2 * (tree.num_nodes + 1), vocab)
+    # Request 0: at the root token 4 (node 2) beats 3 (node 1); at node 2 its only child.
+    logits[0, 4] = 5.0
+    logits[0, 3] = 1.0
+    # Request 1: only 3 drafts scheduled (nodes 1-3); root prefers node 1, then node 3.
+    logits[6, 3] = 2.0
+    logits[7, 5] = 1.0
+    logits[7, 6] = 9.0  # node 4's token, but node 4 was not scheduled
+    paths = choose_paths(tree, logits[:6].clone(), [5], draft)
+    assert paths == [[2, 5]]
+    both = torch.cat([logits[:6], logits[6:10]])
+    paths = choose_paths(tree, both, [5, 3], torch.cat([draft, draft[:3]]))
+    assert paths == [[2, 5], [1, 3]]
+    view = chain_view(paths, torch.cat([draft, draft[:3]]), [5, 3])
+    assert view.rows.tolist() == [0, 2, 5, 6, 7, 9]
+    assert view.draft_token_ids.tolist() == [4, 7, 3, 5]
+    assert view.num_draft_tokens == [2, 2]
+    assert choose_paths(tree, logits[:1], [0], draft[:0]) == [[]]
+
+
+def test_accepted_nodes_and_kv_moves():
+    assert accepted_nodes([[2, 5], [1, 3], []], [3, 1, 1]) == [[2, 5], [], []]
+    slot_mapping = torch.arange(100, 120)
+    # Request 0's root is token 0: node 2 moves to position 1, node 5 to position 2.
+    # Request 1's root is token 6: nodes 1 and 3 -> positions 1 and 2 (node 1 stays).
+    src, dst = kv_moves([[2, 5], [1, 3]], [0, 6], slot_mapping)
+    assert src.tolist() == [102, 105, 109]
+    assert dst.tolist() == [101, 102, 108]
+
+
+def _write_kv(kv_cache, key, value, slots, isa="vec"):
+    """Cache key/value [T, kv_heads, head] at slots with vLLM's own CPU cache write."""
+    nb, kvh, bs, two_head = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(nb, kvh, 2 * bs, two_head // 2).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+
+def test_kv_layout_reads_back_what_the_kernel_wrote():
+    block_size, head = 32, 64
+    kv_cache = torch.zeros(3, 2, block_size, 2 * head)
+    key, value = torch.randn(70, 2, head), torch.randn(70, 2, head)
+    slots = torch.randperm(3 * block_size)[:70]
+    _write_kv(kv_cache, key, value, slots)
+    layout = kv_layout("vec", block_size, head, torch.float32)
+    stretch = kv_cache.view(3, 2, -1)
+    index = layout.slot_index(slots % block_size)  # [70, 2 * head]
+    cached = stretch[(slots // block_size)[:, None], :, index]  # [70, 2 * head, kv_heads]
+    assert torch.equal(cached[:, :head].transpose(1, 2), key)
+    assert torch.equal(cached[:, head:].transpose(1, 2), value)
+
+    # Moving slots: destinations get the sources' keys and values, nothing else changes.
+    src, dst = slots[40:50], slots[50:60]
+    before = kv_cache.clone()
+    copy_kv_slots([(kv_cache, layout)], src, dst)
+    moved = stretch[(dst // block_size)[:, None], :, layout.slot_index(dst % block_size)]
+    assert torch.equal(moved[:, :head].transpose(1, 2), key[40:50])
+    untouched = torch.ones(3 * block_size, dtype=torch.bool)
+    untouched[dst] = False
+    keep = torch.nonzero(untouched).flatten()
+    keep_index = layout.slot_index(keep % block_size)
+    assert torch.equal(
+        stretch[(keep // block_size)[:, None], :, keep_index],
+        before.view(3, 2, -1)[(keep // block_size)[:, None], :, keep_index],
+    )
+
+
+def test_tree_attention_matches_brute_force():
+    torch.manual_seed(0)
+    tree = build_tree(SMALL)
+    block_size, head, num_heads, kv_heads = 32, 64, 4, 2
+    contexts = [45, 7]  # two requests, block tables interleaved in the cache
+    block_table = torch.tensor([[4, 1, 0], [2, 3, 0]], dtype=torch.int32)
+    kv_cache = torch.zeros(5, kv_heads, block_size, 2 * head)
+    n = tree.num_nodes + 1
+    query = torch.randn(2 * n, num_heads, head)
+    output = torch.full_like(query, float("nan"))
+    sequences, keys, values = [], [], []
+    for req, context in enumerate(contexts):
+        key = torch.randn(context + n, kv_heads, head)
+        value = torch.randn(context + n, kv_heads, head)
+        positions = torch.arange(context + n)
+        slots = block_table[req].long()[positions // block_size] * block_size + (
+            positions % block_size
+        )
+        _write_kv(kv_cache, key, value, slots)
+        keys.append(key)
+        values.append(value)
+        sequences.append(
+            TreeSequence(req, req * n, n, context + n, tree_mask(context, tree.attention_mask))
+        )
+    layout = kv_layout("vec", block_size, head, torch.float32)
+    attend_trees(TreeStep(sequences), query, kv_cache, layout, block_table, 0.125, output)
+    for req, context in enumerate(contexts):
+        for node in range(n):
+            visible = list(range(context)) + [
+                context + j for j in range(n) if tree.attention_mask[node, j]
+            ]
+            q = query[req * n + node].double()  # [num_heads, head]
+            k = keys[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
+            v = values[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
+            weights = torch.softmax(torch.einsum("hd,thd->ht", q, k) * 0.125, dim=-1)
+            expected = torch.einsum("ht,thd->hd", weights, v)
+            torch.testing.assert_close(output[req * n + node].double(), expected, atol=1e-5, rtol=0)
