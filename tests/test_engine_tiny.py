@@ -20,6 +20,7 @@ from vllm_medusa.distill import compute_hidden_states, generate_answers, load_pr
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
 from vllm_medusa.metrics import spec_decode_stats
 from vllm_medusa.train import TrainConfig, train_heads, write_fasterdecoding
+from vllm_medusa.tree import TREE_ENV
 
 MAX_TOKENS = 48
 TINY_ENGINE = {"max_num_seqs": 16, "kv_cache_memory_bytes": 256 << 20}
@@ -116,5 +117,57 @@ def test_more_speculative_tokens_than_heads_fail_at_startup(tiny_run: TinyRun):
         LLM(
             model=str(tiny_run.model),
             speculative_config=medusa_config(tiny_run.heads_v2, num_speculative_tokens=5),
+            **engine_kwargs(**TINY_ENGINE),
+        )
+
+
+@pytest.fixture
+def tree_setting(monkeypatch):
+    """Set the process's Medusa tree (read where LLM(...) parses its settings)."""
+
+    def use(tree: str) -> None:
+        monkeypatch.setenv(TREE_ENV, tree)
+
+    return use
+
+
+def test_named_tree_greedy_output_matches_no_speculation(tiny_run: TinyRun, tree_setting):
+    tree_setting("mc_sim_7b_63")
+    llm = LLM(
+        model=str(tiny_run.model),
+        speculative_config=medusa_config(tiny_run.heads_v2, num_speculative_tokens=4),
+        **engine_kwargs(**TINY_ENGINE),
+    )
+    try:
+        batch = chat_token_ids(llm, tiny_run.prompts)
+        single = [chat_token_ids(llm, [p])[0] for p in tiny_run.prompts[:2]]
+        stats = spec_decode_stats(llm)
+        spec_config = llm.llm_engine.vllm_config.speculative_config
+    finally:
+        shutdown(llm)
+    assert batch == tiny_run.reference_batch
+    assert single == tiny_run.reference_single
+    assert spec_config.num_speculative_tokens == 63  # one draft per tree node
+    assert stats.mean_acceptance_length > 1.5, stats.as_dict()
+    # Accepted per depth: only the tree's 4 depths can ever accept.
+    assert stats.accepted_per_position[0] > 0
+    assert sum(stats.accepted_per_position[4:]) == 0
+
+
+@pytest.mark.parametrize(
+    ("tree", "words"),
+    [
+        ("chain:5", "needs 5 heads but"),
+        ("[[0], [0, 0, 1]]", "has no parent [0, 0]"),
+        ("[[0], [12]]", "ranks must be 0..9"),
+        ("no_such_tree", "unknown Medusa tree 'no_such_tree'"),
+    ],
+)
+def test_bad_tree_fails_at_startup(tiny_run: TinyRun, tree_setting, tree, words):
+    tree_setting(tree)
+    with pytest.raises(ValueError, match=words.replace("[", r"\[")):
+        LLM(
+            model=str(tiny_run.model),
+            speculative_config=medusa_config(tiny_run.heads_v2, num_speculative_tokens=4),
             **engine_kwargs(**TINY_ENGINE),
         )

@@ -19,7 +19,7 @@ from vllm_medusa.tree import (
     named_trees,
     parse_tree,
 )
-from vllm_medusa.tree_attention import TreeSequence, TreeStep, attend_trees, kv_layout, tree_mask
+from vllm_medusa.tree_attention import TreeSequence, TreeStep, attend_trees, kv_layout
 from vllm_medusa.verify import accepted_nodes, chain_view, choose_paths, copy_kv_slots, kv_moves
 
 # Given out of order on purpose: nodes are numbered breadth-first, then by path.
@@ -220,14 +220,15 @@ def test_tree_attention_matches_brute_force():
     torch.manual_seed(0)
     tree = build_tree(SMALL)
     block_size, head, num_heads, kv_heads = 32, 64, 4, 2
-    contexts = [45, 7]  # two requests, block tables interleaved in the cache
+    # Two requests with interleaved blocks; the second verifies a cut tree (root + 3 nodes)
+    # and sits behind a plain decode token that the tree attention must leave alone.
+    contexts, sizes, starts = [45, 7], [6, 4], [0, 7]
     block_table = torch.tensor([[4, 1, 0], [2, 3, 0]], dtype=torch.int32)
     kv_cache = torch.zeros(5, kv_heads, block_size, 2 * head)
-    n = tree.num_nodes + 1
-    query = torch.randn(2 * n, num_heads, head)
+    query = torch.randn(11, num_heads, head)
     output = torch.full_like(query, float("nan"))
     sequences, keys, values = [], [], []
-    for req, context in enumerate(contexts):
+    for req, (context, n, start) in enumerate(zip(contexts, sizes, starts, strict=True)):
         key = torch.randn(context + n, kv_heads, head)
         value = torch.randn(context + n, kv_heads, head)
         positions = torch.arange(context + n)
@@ -237,19 +238,18 @@ def test_tree_attention_matches_brute_force():
         _write_kv(kv_cache, key, value, slots)
         keys.append(key)
         values.append(value)
-        sequences.append(
-            TreeSequence(req, req * n, n, context + n, tree_mask(context, tree.attention_mask))
-        )
+        sequences.append(TreeSequence(req, start, context, tree.attention_mask[:n, :n]))
     layout = kv_layout("vec", block_size, head, torch.float32)
     attend_trees(TreeStep(sequences), query, kv_cache, layout, block_table, 0.125, output)
-    for req, context in enumerate(contexts):
+    assert output[6].isnan().all()  # not a tree row: untouched
+    for req, (context, n, start) in enumerate(zip(contexts, sizes, starts, strict=True)):
         for node in range(n):
             visible = list(range(context)) + [
                 context + j for j in range(n) if tree.attention_mask[node, j]
             ]
-            q = query[req * n + node].double()  # [num_heads, head]
+            q = query[start + node].double()  # [num_heads, head]
             k = keys[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
             v = values[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
             weights = torch.softmax(torch.einsum("hd,thd->ht", q, k) * 0.125, dim=-1)
             expected = torch.einsum("ht,thd->hd", weights, v)
-            torch.testing.assert_close(output[req * n + node].double(), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(output[start + node].double(), expected, atol=1e-5, rtol=0)

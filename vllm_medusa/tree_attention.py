@@ -4,8 +4,8 @@ vLLM's CPU attention kernel knows only causal masks. In a step that verifies tre
 still runs for the whole batch (prefill chunks, plain decodes and trees alike), then the rows
 of each tree request are recomputed here with the tree's mask: each node sees the request's
 context, its ancestors and itself. The tree tokens' keys and values are already in the cache
-at their slots (context + node index) when this runs, so one gather per request reads the
-context and the tree together.
+at their slots (context + node index) when this runs, so one gather reads the context and
+the tree together, for all tree requests of the step at once.
 
 How a block stores its keys and values is the kernel's business and differs between its
 instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
@@ -28,16 +28,59 @@ class TreeSequence:
 
     req_index: int  # its row in the batch (and in the attention block table)
     token_start: int  # its root's index among the step's tokens
-    num_tokens: int  # root + draft nodes
-    kv_len: int  # context + root + draft nodes: the slots it reads
-    mask: torch.Tensor  # [num_tokens, kv_len] bool: the whole context, then the tree mask
+    context_len: int  # tokens before its root
+    node_mask: torch.Tensor  # [n, n] bool, n = root + draft nodes: the tree mask
+
+    @property
+    def num_tokens(self) -> int:
+        return self.node_mask.shape[0]
 
 
 @dataclass
+class TreeBatch:
+    """All tree requests of a step padded to one shape, so each layer runs one gather and
+    one attention call whatever the number of requests."""
+
+    token_index: torch.Tensor  # [R, n_max] long: each query row's token (padding repeats)
+    valid: torch.Tensor  # [R, n_max] bool: real rows
+    block_ids: torch.Tensor  # [R, B] long: KV blocks to read (padding: block 0, masked)
+    mask: torch.Tensor  # [R, 1, n_max, B * block_size] bool
+
+
 class TreeStep:
     """Every tree request of the current step, for the attention layers to read."""
 
-    sequences: list[TreeSequence]
+    def __init__(self, sequences: list[TreeSequence]) -> None:
+        self.sequences = sequences
+        self._batches: dict[int, TreeBatch] = {}
+
+    def batch(self, block_table: torch.Tensor, block_size: int) -> TreeBatch:
+        """Built by the first layer that asks, shared by the others."""
+        if block_size not in self._batches:
+            self._batches[block_size] = _pad(self.sequences, block_table, block_size)
+        return self._batches[block_size]
+
+
+def _pad(sequences: list[TreeSequence], block_table: torch.Tensor, block_size: int) -> TreeBatch:
+    n_max = max(seq.num_tokens for seq in sequences)
+    kv_lens = [seq.context_len + seq.num_tokens for seq in sequences]
+    num_blocks = -(-max(kv_lens) // block_size)
+    rows = len(sequences)
+    token_index = torch.zeros(rows, n_max, dtype=torch.long)
+    valid = torch.zeros(rows, n_max, dtype=torch.bool)
+    block_ids = torch.zeros(rows, num_blocks, dtype=torch.long)
+    mask = torch.zeros(rows, n_max, num_blocks * block_size, dtype=torch.bool)
+    mask[:, :, 0] = True  # padding rows attend somewhere (an all-masked row would be NaN)
+    for r, (seq, kv_len) in enumerate(zip(sequences, kv_lens, strict=True)):
+        n = seq.num_tokens
+        token_index[r] = seq.token_start
+        token_index[r, :n] = torch.arange(seq.token_start, seq.token_start + n)
+        valid[r, :n] = True
+        used = -(-kv_len // block_size)
+        block_ids[r, :used] = block_table[seq.req_index, :used].long()
+        mask[r, :n, : seq.context_len] = True
+        mask[r, :n, seq.context_len : kv_len] = seq.node_mask
+    return TreeBatch(token_index, valid, block_ids, mask.unsqueeze(1))
 
 
 _current_step: TreeStep | None = None
@@ -51,14 +94,6 @@ def set_tree_step(step: TreeStep | None) -> None:
 
 def current_tree_step() -> TreeStep | None:
     return _current_step
-
-
-def tree_mask(context_len: int, node_mask: torch.Tensor) -> torch.Tensor:
-    """[n, context_len + n] bool: every node sees the whole context, then its tree rows."""
-    n = node_mask.shape[0]
-    mask = torch.ones(n, context_len + n, dtype=torch.bool)
-    mask[:, context_len:] = node_mask
-    return mask
 
 
 @dataclass(frozen=True)
@@ -118,23 +153,24 @@ def attend_trees(
 ) -> None:
     num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
     head = two_head // 2
+    batch = step.batch(block_table, block_size)
+    rows, blocks = batch.block_ids.shape
     stretches = kv_cache.view(num_blocks, num_kv_heads, block_size * two_head)
-    for seq in step.sequences:
-        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-        blocks = block_table[seq.req_index, : -(-seq.kv_len // block_size)].long()
-        chunk = stretches[blocks]  # [blocks, num_kv_heads, block_size * 2 * head]
-        # [num_kv_heads, blocks * block_size, head]
-        keys = chunk[:, :, layout.key_index].transpose(0, 1).reshape(num_kv_heads, -1, head)
-        values = chunk[:, :, layout.value_index].transpose(0, 1).reshape(num_kv_heads, -1, head)
-        attended = F.scaled_dot_product_attention(
-            query[rows].transpose(0, 1),  # [num_heads, n, head]
-            keys[:, : seq.kv_len],
-            values[:, : seq.kv_len],
-            attn_mask=seq.mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        output[rows] = attended.transpose(0, 1).to(output.dtype)
+    chunk = stretches[batch.block_ids]  # [R, B, num_kv_heads, block_size * 2 * head]
+
+    def gathered(index: torch.Tensor) -> torch.Tensor:
+        """[R, B, kv_heads, block_size, head] -> [R, kv_heads, B * block_size, head]"""
+        return chunk[..., index].transpose(1, 2).reshape(rows, num_kv_heads, -1, head)
+
+    attended = F.scaled_dot_product_attention(
+        query[batch.token_index].transpose(1, 2),  # [R, num_heads, n_max, head]
+        gathered(layout.key_index),
+        gathered(layout.value_index),
+        attn_mask=batch.mask,
+        scale=scale,
+        enable_gqa=True,
+    ).transpose(1, 2)  # [R, n_max, num_heads, head]
+    output[batch.token_index[batch.valid]] = attended[batch.valid].to(output.dtype)
 
 
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):

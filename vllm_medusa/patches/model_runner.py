@@ -34,7 +34,6 @@ from vllm_medusa.tree_attention import (
     TreeStep,
     kv_layout,
     set_tree_step,
-    tree_mask,
 )
 from vllm_medusa.verify import (
     accepted_nodes,
@@ -68,9 +67,8 @@ def _publish_tree_step(runner: Any, tree: MedusaTree, num_draft_tokens: list[int
             TreeSequence(
                 req_index=req_index,
                 token_start=start,
-                num_tokens=num_tokens,
-                kv_len=context + num_tokens,
-                mask=tree_mask(context, tree.attention_mask[:num_tokens, :num_tokens]),
+                context_len=context,
+                node_mask=tree.attention_mask[:num_tokens, :num_tokens],
             )
         )
     set_tree_step(TreeStep(sequences) if sequences else None)

@@ -1,0 +1,182 @@
+"""Tree decoding through the real vLLM engine: the default model, the shipped heads.
+
+One engine verifies trees, one runs without speculation, one verifies the chain of the same
+heads; each runs every scenario once and the tests compare. The engines share settings that
+put the hard cases in play: chunked prefill (a small token budget, long prompts), prefix
+caching (every scenario's prompts come back once more), and a KV cache small enough that
+batch 16 preempts requests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from vllm_medusa.distill import load_prompts
+from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
+from vllm_medusa.heads import default_heads_path
+from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
+from vllm_medusa.tree import TREE_ENV
+
+TREE = "[[0],[1],[2],[3],[0,0],[0,1],[1,0],[0,0,0],[0,0,1],[0,0,0,0]]"
+MAX_MODEL_LEN = 1024
+ENGINE = engine_kwargs(
+    max_model_len=MAX_MODEL_LEN,
+    max_num_seqs=16,
+    max_num_batched_tokens=384,  # prompts longer than this are prefilled in chunks
+    kv_cache_memory_bytes=72 << 20,  # about 1,600 tokens of SmolLM2: batch 16 preempts
+    enable_prefix_caching=True,
+)
+HELDOUT = [p.turns[0] for p in load_prompts(split="heldout")]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+
+
+@dataclass
+class Scenario:
+    prompts: list  # chat conversations, or TokensPrompt
+    params: SamplingParams
+    one_at_a_time: bool = False
+
+
+def scenarios(model: Path) -> dict[str, Scenario]:
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chat = [[{"role": "user", "content": p}] for p in HELDOUT[:16]]
+    long_text = " ".join(HELDOUT[16:40])
+    filler = tokenizer(" ".join(HELDOUT) * 2)["input_ids"]
+    return {
+        "batch16": Scenario(chat, GREEDY),
+        "batch4": Scenario(chat[:4], GREEDY),
+        "batch1": Scenario(chat[4:6], GREEDY, one_at_a_time=True),
+        "short_and_long": Scenario(
+            [chat[6], [{"role": "user", "content": "Summarise: " + long_text}], chat[7]], GREEDY
+        ),
+        "stop_strings": Scenario(
+            chat[8:12], SamplingParams(temperature=0.0, max_tokens=60, stop=[".", "\n\n"])
+        ),
+        **{
+            f"max_tokens_{n}": Scenario(chat[12:16], SamplingParams(temperature=0.0, max_tokens=n))
+            for n in (1, 2, 3)
+        },
+        # Ends at max_model_len: the tree must be cut to the room that is left.
+        "near_max_model_len": Scenario(
+            [TokensPrompt(prompt_token_ids=filler[: MAX_MODEL_LEN - k]) for k in (3, 9, 17)],
+            SamplingParams(temperature=0.0, max_tokens=32),
+        ),
+    }
+
+
+@dataclass
+class Run:
+    outputs: dict[str, list[tuple[list[int], str, str | None]]]
+    stats: SpecDecodeStats
+    preemptions: float
+    prefix_cache_hits: float
+
+
+def run(llm: LLM, cases: dict[str, Scenario]) -> dict[str, list]:
+    outputs = {}
+    for name, case in cases.items():
+        generate = llm.generate if isinstance(case.prompts[0], dict) else llm.chat
+        batches = [[p] for p in case.prompts] if case.one_at_a_time else [case.prompts]
+        results = [o for batch in batches for o in generate(batch, case.params, use_tqdm=False)]
+        outputs[name] = [
+            (list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason)
+            for o in results
+        ]
+    return outputs
+
+
+def counter(llm: LLM, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def run_engine(model: Path, tree: str | None, speculate: bool = True) -> Run:
+    spec = medusa_config(default_heads_path(), num_speculative_tokens=4) if speculate else None
+    previous = os.environ.pop(TREE_ENV, None)
+    if tree is not None:
+        os.environ[TREE_ENV] = tree  # read where the settings are parsed, in this process
+    try:
+        llm = LLM(model=str(model), speculative_config=spec, **ENGINE)
+    finally:
+        os.environ.pop(TREE_ENV, None)
+        if previous is not None:
+            os.environ[TREE_ENV] = previous
+    try:
+        cases = scenarios(model)
+        outputs = run(llm, cases)
+        # The same prompts again: now served from the prefix cache.
+        repeated = run(llm, {"batch4": cases["batch4"], "short_and_long": cases["short_and_long"]})
+        outputs.update({f"{k}_cached": v for k, v in repeated.items()})
+        return Run(
+            outputs,
+            spec_decode_stats(llm),
+            counter(llm, "vllm:num_preemptions"),
+            counter(llm, "vllm:prefix_cache_hits"),
+        )
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path) -> Run:
+    return run_engine(smollm2_dir, None, speculate=False)
+
+
+@pytest.fixture(scope="module")
+def tree_run(smollm2_dir: Path) -> Run:
+    return run_engine(smollm2_dir, TREE)
+
+
+@pytest.fixture(scope="module")
+def chain_run(smollm2_dir: Path) -> Run:
+    return run_engine(smollm2_dir, "chain:4")
+
+
+SCENARIOS = [
+    "batch16",
+    "batch4",
+    "batch1",
+    "short_and_long",
+    "stop_strings",
+    "max_tokens_1",
+    "max_tokens_2",
+    "max_tokens_3",
+    "near_max_model_len",
+    "batch4_cached",
+    "short_and_long_cached",
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_tree_greedy_output_identical_to_no_speculation(reference, tree_run, scenario):
+    assert tree_run.outputs[scenario] == reference.outputs[scenario]
+
+
+def test_hard_cases_were_exercised(reference, tree_run):
+    assert tree_run.preemptions > 0
+    assert tree_run.prefix_cache_hits > 0
+    finish = {reason for _, _, reason in tree_run.outputs["stop_strings"]}
+    assert "stop" in finish
+    assert [len(t) for t, _, _ in tree_run.outputs["max_tokens_2"]] == [2] * 4
+    # Each near-limit prompt stops exactly at max_model_len.
+    lengths = [len(t) for t, _, _ in tree_run.outputs["near_max_model_len"]]
+    assert lengths == [3, 9, 17]
+
+
+def test_tree_accepts_more_than_the_chain_of_the_same_heads(tree_run, chain_run):
+    tree, chain = tree_run.stats, chain_run.stats
+    assert tree.num_drafts > 0 and chain.num_drafts > 0
+    assert tree.mean_acceptance_length > chain.mean_acceptance_length, (
+        tree.as_dict(),
+        chain.as_dict(),
+    )
+
+
+def test_chain_output_identical_too(reference, chain_run):
+    assert chain_run.outputs == reference.outputs
