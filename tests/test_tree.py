@@ -19,7 +19,13 @@ from vllm_medusa.tree import (
     named_trees,
     parse_tree,
 )
-from vllm_medusa.tree_attention import TreeSequence, TreeStep, attend_trees, kv_layout
+from vllm_medusa.tree_attention import (
+    KVLayout,
+    TreeSequence,
+    TreeStep,
+    attend_trees,
+    kv_layout,
+)
 from vllm_medusa.verify import accepted_nodes, chain_view, choose_paths, copy_kv_slots, kv_moves
 
 # Given out of order on purpose: nodes are numbered breadth-first, then by path.
@@ -199,6 +205,11 @@ def test_kv_layout_reads_back_what_the_kernel_wrote():
     cached = stretch[(slots // block_size)[:, None], :, index]  # [70, 2 * head, kv_heads]
     assert torch.equal(cached[:, :head].transpose(1, 2), key)
     assert torch.equal(cached[:, head:].transpose(1, 2), value)
+
+    # Read as views where the kernel's layout allows it; the general gather agrees.
+    gathered = KVLayout(layout.key_index, layout.value_index, "scattered", "scattered")
+    for keys in (True, False):
+        assert torch.equal(layout.read(stretch, keys), gathered.read(stretch, keys))
 
     # Moving slots: destinations get the sources' keys and values, nothing else changes.
     src, dst = slots[40:50], slots[50:60]

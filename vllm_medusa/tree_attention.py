@@ -44,7 +44,7 @@ class TreeBatch:
     token_index: torch.Tensor  # [R, n_max] long: each query row's token (padding repeats)
     valid: torch.Tensor  # [R, n_max] bool: real rows
     block_ids: torch.Tensor  # [R, B] long: KV blocks to read (padding: block 0, masked)
-    mask: torch.Tensor  # [R, 1, n_max, B * block_size] bool
+    bias: torch.Tensor  # [R, 1, n_max, B * block_size] float: 0 where a row may look, -inf
 
 
 class TreeStep:
@@ -54,14 +54,16 @@ class TreeStep:
         self.sequences = sequences
         self._batches: dict[int, TreeBatch] = {}
 
-    def batch(self, block_table: torch.Tensor, block_size: int) -> TreeBatch:
+    def batch(self, block_table: torch.Tensor, block_size: int, dtype: torch.dtype) -> TreeBatch:
         """Built by the first layer that asks, shared by the others."""
         if block_size not in self._batches:
-            self._batches[block_size] = _pad(self.sequences, block_table, block_size)
+            self._batches[block_size] = _pad(self.sequences, block_table, block_size, dtype)
         return self._batches[block_size]
 
 
-def _pad(sequences: list[TreeSequence], block_table: torch.Tensor, block_size: int) -> TreeBatch:
+def _pad(
+    sequences: list[TreeSequence], block_table: torch.Tensor, block_size: int, dtype: torch.dtype
+) -> TreeBatch:
     n_max = max(seq.num_tokens for seq in sequences)
     kv_lens = [seq.context_len + seq.num_tokens for seq in sequences]
     num_blocks = -(-max(kv_lens) // block_size)
@@ -80,7 +82,9 @@ def _pad(sequences: list[TreeSequence], block_table: torch.Tensor, block_size: i
         block_ids[r, :used] = block_table[seq.req_index, :used].long()
         mask[r, :n, : seq.context_len] = True
         mask[r, :n, seq.context_len : kv_len] = seq.node_mask
-    return TreeBatch(token_index, valid, block_ids, mask.unsqueeze(1))
+    # An additive mask once per step: a boolean one is converted again in every layer.
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    return TreeBatch(token_index, valid, block_ids, bias.unsqueeze(1))
 
 
 _current_step: TreeStep | None = None
@@ -104,10 +108,39 @@ class KVLayout:
 
     key_index: torch.Tensor  # [block_size, head] long
     value_index: torch.Tensor  # [block_size, head] long
+    key_form: str
+    value_form: str
 
     def slot_index(self, offsets: torch.Tensor) -> torch.Tensor:
         """[M] in-block offsets -> [M, 2 * head]: a token's keys, then its values."""
         return torch.cat([self.key_index[offsets], self.value_index[offsets]], dim=1)
+
+    def read(self, stretches: torch.Tensor, keys: bool) -> torch.Tensor:
+        """[..., 2 * block_size * head] -> [..., block_size, head], as a view where the
+        kernel stores the half row-major or transposed, else by gathering."""
+        index, form = (
+            (self.key_index, self.key_form) if keys else (self.value_index, self.value_form)
+        )
+        block_size, head = index.shape
+        start = int(index[0, 0])
+        half = stretches[..., start : start + block_size * head]
+        if form == "rows":
+            return half.unflatten(-1, (block_size, head))
+        if form == "columns":
+            return half.unflatten(-1, (head, block_size)).transpose(-1, -2)
+        return stretches[..., index]
+
+
+def _form(index: torch.Tensor) -> str:
+    """How a [block_size, head] half is laid out: "rows" (token-major), "columns"
+    (channel-major, i.e. transposed) or "scattered"."""
+    block_size, head = index.shape
+    relative = index - index[0, 0]
+    if torch.equal(relative, torch.arange(block_size * head).view(block_size, head)):
+        return "rows"
+    if torch.equal(relative, torch.arange(block_size * head).view(head, block_size).T):
+        return "columns"
+    return "scattered"
 
 
 @functools.cache
@@ -139,7 +172,7 @@ def kv_layout(isa: str, block_size: int, head: int, dtype: torch.dtype) -> KVLay
         if (index < 0).any():
             raise RuntimeError(f"CPU KV cache layout of ISA {isa!r} could not be measured")
         indices.append(index)
-    return KVLayout(key_index=indices[0], value_index=indices[1])
+    return KVLayout(indices[0], indices[1], _form(indices[0]), _form(indices[1]))
 
 
 def attend_trees(
@@ -153,20 +186,20 @@ def attend_trees(
 ) -> None:
     num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
     head = two_head // 2
-    batch = step.batch(block_table, block_size)
+    batch = step.batch(block_table, block_size, query.dtype)
     rows, blocks = batch.block_ids.shape
     stretches = kv_cache.view(num_blocks, num_kv_heads, block_size * two_head)
     chunk = stretches[batch.block_ids]  # [R, B, num_kv_heads, block_size * 2 * head]
 
-    def gathered(index: torch.Tensor) -> torch.Tensor:
+    def gathered(keys: bool) -> torch.Tensor:
         """[R, B, kv_heads, block_size, head] -> [R, kv_heads, B * block_size, head]"""
-        return chunk[..., index].transpose(1, 2).reshape(rows, num_kv_heads, -1, head)
+        return layout.read(chunk, keys).transpose(1, 2).reshape(rows, num_kv_heads, -1, head)
 
     attended = F.scaled_dot_product_attention(
-        query[batch.token_index].transpose(1, 2),  # [R, num_heads, n_max, head]
-        gathered(layout.key_index),
-        gathered(layout.value_index),
-        attn_mask=batch.mask,
+        query[batch.token_index].transpose(1, 2).contiguous(),  # [R, num_heads, n_max, head]
+        gathered(keys=True),
+        gathered(keys=False),
+        attn_mask=batch.bias,
         scale=scale,
         enable_gqa=True,
     ).transpose(1, 2)  # [R, n_max, num_heads, head]
