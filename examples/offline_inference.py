@@ -1,13 +1,18 @@
 """Medusa speculative decoding with vLLM's offline `LLM` API.
 
 With vllm-medusa installed, the only change to a vLLM program is `speculative_config`. This
-runs the default model with the heads shipped for it, then the same prompts without
-speculation, and shows that greedy output is identical while more tokens come per step.
+runs the default model with the heads shipped for it (and the tree in their config.json),
+then the same prompts without speculation, and shows that greedy output is identical while
+more tokens come per step.
 
-    python examples/offline_inference.py [--model DIR] [--heads DIR]
+    python examples/offline_inference.py [--model DIR] [--heads DIR] [--tree TREE]
+
+`--tree` takes any tree setting (a name such as mc_sim_7b_63, chain:4, a JSON list of paths)
+and is passed the way any vLLM program passes it: the VLLM_MEDUSA_TREE environment variable.
 """
 
 import argparse
+import os
 import time
 
 from vllm import LLM, SamplingParams
@@ -47,7 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--heads", default=str(default_heads_path()))
+    parser.add_argument("--tree", help="Medusa tree (default: the heads' config.json)")
     args = parser.parse_args()
+    if args.tree:
+        os.environ["VLLM_MEDUSA_TREE"] = args.tree
 
     medusa = {"method": "medusa", "model": args.heads, "num_speculative_tokens": 4}
     texts, medusa_rate, llm = run(args.model, medusa)
