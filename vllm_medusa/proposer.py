@@ -35,6 +35,8 @@ class MedusaProposer(VllmMedusaProposer):
             )
         if self.model.original_lm_head:
             self.model.bind_target_lm_head(_target_lm_head(target_model))
+        if self.tree is not None:
+            _check_tree_attention(self.vllm_config)
         logger.info(
             "vllm-medusa: %d heads x %d layers from %s, %s lm_head, %s",
             self.model.num_heads,
@@ -61,6 +63,21 @@ class MedusaProposer(VllmMedusaProposer):
         candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
         # [nodes, num_reqs] -> [num_reqs, nodes]
         return candidates[self.tree.heads, :, self.tree.ranks].transpose(0, 1)
+
+
+def _check_tree_attention(vllm_config) -> None:
+    """Trees need every attention layer to apply the tree mask; any other backend would
+    silently verify with a causal mask and emit wrong tokens."""
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_medusa.tree_attention import TreeCPUAttentionBackendImpl
+
+    for name, layer in vllm_config.compilation_config.static_forward_context.items():
+        if isinstance(layer, Attention) and not isinstance(layer.impl, TreeCPUAttentionBackendImpl):
+            raise ValueError(
+                f"Medusa trees need vLLM's CPU attention backend, but layer {name!r} uses "
+                f"{type(layer.impl).__name__}: verify a chain instead (VLLM_MEDUSA_TREE=chain:K)"
+            )
 
 
 def _target_lm_head(target_model: nn.Module) -> nn.Module:
