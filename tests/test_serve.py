@@ -8,7 +8,8 @@ speculative configs must stop the server at start-up with one line saying why.
 
 from __future__ import annotations
 
-import asyncio
+import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +22,8 @@ from fasterdecoding_fixtures import heads_config, make_heads, save_heads_folder
 
 from vllm_medusa.distill import load_prompts
 from vllm_medusa.heads import default_heads_path
-from vllm_medusa.loadtest import (
-    build_requests,
-    choice_token_ids,
-    greedy_kwargs,
-    mismatches,
-    run_load,
-    summarize,
-)
+from vllm_medusa.loadtest import build_requests, choice_token_ids, greedy_kwargs
+from vllm_medusa.loadtest import main as load_main
 from vllm_medusa.server import Server, launch, spec_decode_metrics, wait_ready
 
 MAX_TOKENS = 48
@@ -134,6 +129,9 @@ def test_metrics_count_drafts_and_accepted_tokens(medusa_server: Server, prompts
     assert moved.num_draft_tokens >= moved.num_drafts
     assert moved.num_accepted_tokens > 0, moved.as_dict()
     assert sum(moved.accepted_per_position) == moved.num_accepted_tokens
+    # The drafts are the plugin's: its proposer, inside a worker process, names the heads.
+    log = medusa_server.log_path.read_text(errors="replace")
+    assert re.search(r"\(Worker[^)]*\).*vllm-medusa: \d+ heads", log)
 
 
 def running_requests(server: Server) -> float:
@@ -172,24 +170,35 @@ def test_server_keeps_serving_after_disconnect_and_abort(
         assert greedy(medusa_server, api, prompts[0]) == reference_outputs[(api, prompts[0])]
 
 
-def test_concurrent_mixed_load_matches_reference(
-    reference_server: Server, medusa_server: Server, prompts: list[str]
+def test_load_command_matches_reference_under_concurrency(
+    reference_server: Server, medusa_server: Server, tmp_path: Path, capsys
 ):
-    """A reduced `vllm-medusa load`: 40 requests, 16 at a time, both servers in turn."""
+    """A reduced `vllm-medusa load`: 40 mixed requests, 16 at a time, both servers in turn."""
     texts = [p.turns[0] for p in load_prompts(split="heldout")]
     requests = build_requests(texts, num_requests=40, max_tokens=32, seed=1)
     assert {r.api for r in requests} == {"completion", "chat"}
     assert {r.stream for r in requests} == {False, True}
     assert any(r.stop for r in requests) and any(r.max_tokens == 1 for r in requests)
 
-    ref, ref_wall = asyncio.run(run_load(reference_server.base_url, requests, concurrency=16))
-    got, got_wall = asyncio.run(run_load(medusa_server.base_url, requests, concurrency=16))
-    print(summarize("reference", ref, ref_wall).line())
-    print(summarize("medusa", got, got_wall).line())
-    assert [r.error for r in ref] == [None] * len(requests)
-    assert [r.error for r in got] == [None] * len(requests)
-    assert mismatches(ref, got) == []
-    assert sum(r.num_tokens for r in got) > len(requests)
+    report = tmp_path / "load.json"
+    argv = ["--medusa-url", medusa_server.base_url, "--reference-url", reference_server.base_url]
+    argv += ["--num-requests", "40", "--concurrency", "16", "--max-tokens", "32", "--seed", "1"]
+    code = load_main([*argv, "--json", str(report)])
+    print(capsys.readouterr().out)
+    result = json.loads(report.read_text())
+    assert result["mismatches"] == []
+    for name in ("reference", "medusa"):
+        assert (result[name]["completed"], result[name]["errors"]) == (40, 0)
+        assert result[name]["output_tokens"] > 40
+    assert result["medusa"]["spec_decode"]["num_drafts"] > 0
+    assert result["reference"]["spec_decode"] is None
+    assert code == 0
+
+
+def test_load_command_refuses_other_hosts(capsys):
+    assert load_main(["--medusa-url", "http://192.0.2.1:8000/v1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a loopback address" in err[0]
 
 
 def wrong_model_heads(folder: Path) -> Path:

@@ -80,19 +80,33 @@ class RunSummary:
         return text
 
 
+# About 4 characters a token: prompts up to this length leave room for several hundred new
+# tokens within the 2048-token context the servers here run with.
+MAX_PROMPT_CHARS = 4000
+
+
 def build_requests(
-    prompts: list[str], num_requests: int, max_tokens: int, seed: int = 0
+    prompts: list[str],
+    num_requests: int,
+    max_tokens: int,
+    seed: int = 0,
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
 ) -> list[LoadRequest]:
     """A deterministic mix: a third short answers (1-16 tokens), a third medium, a third up to
-    max_tokens; a quarter of prompts are several prompts joined into one long one."""
+    max_tokens; a quarter of prompts are several prompts joined into one long one (up to
+    max_prompt_chars; longer prompts are left out, a server would refuse them)."""
+    prompts = [p for p in prompts if len(p) <= max_prompt_chars]
+    if not prompts:
+        raise ValueError(f"no prompt of at most {max_prompt_chars} characters")
     rng = random.Random(seed)
     requests = []
     for i in range(num_requests):
+        prompt = rng.choice(prompts)
         if rng.random() < 0.25:
-            parts = rng.sample(prompts, k=min(len(prompts), rng.randint(2, 4)))
-            prompt = "Answer each of these in turn.\n\n" + "\n\n".join(parts)
-        else:
-            prompt = rng.choice(prompts)
+            prompt = "Answer each of these in turn.\n\n" + prompt
+            for part in rng.sample(prompts, k=min(len(prompts), rng.randint(1, 3))):
+                if len(prompt) + len(part) + 2 <= max_prompt_chars:
+                    prompt += "\n\n" + part
         bucket = rng.random()
         if bucket < 0.1:
             tokens = 1
