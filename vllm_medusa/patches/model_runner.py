@@ -127,18 +127,15 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
 
 
 def _kv_caches(runner: Any) -> list[tuple[torch.Tensor, KVLayout]]:
-    """Every attention layer's KV cache with its block layout (measured once)."""
-    caches = getattr(runner, "_medusa_kv_caches", None)
-    if caches is None:
-        caches, seen = [], set()
-        for context in runner.compilation_config.static_forward_context.values():
-            kv = getattr(context, "kv_cache", None)
-            if not isinstance(kv, torch.Tensor) or kv.numel() == 0 or kv.data_ptr() in seen:
-                continue
-            seen.add(kv.data_ptr())
-            _, _, block_size, two_head = kv.shape
-            caches.append((kv, kv_layout(context.isa, block_size, two_head // 2, kv.dtype)))
-        runner._medusa_kv_caches = caches
+    """Every attention layer's KV cache with its block layout (measured once per kind)."""
+    caches, seen = [], set()
+    for context in runner.compilation_config.static_forward_context.values():
+        kv = getattr(context, "kv_cache", None)
+        if not isinstance(kv, torch.Tensor) or kv.numel() == 0 or kv.data_ptr() in seen:
+            continue
+        seen.add(kv.data_ptr())
+        _, _, block_size, two_head = kv.shape
+        caches.append((kv, kv_layout(context.isa, block_size, two_head // 2, kv.dtype)))
     return caches
 
 
