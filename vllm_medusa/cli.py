@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train-vocab",
         choices=["batch", "data", "full"],
-        default="batch",
+        default="data",
         help="tokens of the training softmax (see TrainConfig)",
     )
     p.add_argument("--negatives", type=int, default=16, help="base top-k tokens per row")
