@@ -157,9 +157,10 @@ def bucketed_distance(a: list[int], b: list[int], buckets: int = 5) -> float:
     return 0.5 * sum(abs(x - y) for x, y in zip(shares(a), shares(b), strict=True))
 
 
-def test_sampled_requests_keep_the_models_distribution(reference, tree_run):
-    """Draws with a tree follow the same distribution as draws without speculation."""
-    drawn = [tokens for tokens, _, _ in tree_run.outputs["sampled"]]
+@pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
+def test_sampled_requests_keep_the_models_distribution(reference, speculative, request):
+    """Draws with Medusa follow the same distribution as draws without speculation."""
+    drawn = [tokens for tokens, _, _ in request.getfixturevalue(speculative).outputs["sampled"]]
     expected = [tokens for tokens, _, _ in reference.outputs["sampled"]]
     for position in (1, 2, 3):
         at_tree = [t[position] for t in drawn if len(t) > position]

@@ -15,7 +15,7 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
 from vllm_medusa.model import MedusaHeads
-from vllm_medusa.tree import MedusaTree, tree_of_heads
+from vllm_medusa.tree import MedusaTree, build_tree, chain_paths, tree_of_heads
 
 # Under "vllm." so that vLLM's logging configuration shows it.
 logger = init_logger(f"vllm.{__name__}")
@@ -25,6 +25,10 @@ class MedusaProposer(VllmMedusaProposer):
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config=vllm_config, device=device)
         self.tree: MedusaTree | None = tree_of_heads(self.spec_config.draft_model_config.hf_config)
+        # What the runner verifies: the tree, or the chain as a tree with one path.
+        self.verified_tree: MedusaTree = self.tree or build_tree(
+            chain_paths(self.num_speculative_tokens), name=f"chain:{self.num_speculative_tokens}"
+        )
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)

@@ -7,13 +7,14 @@ when `speculative_config.method == "medusa"`, and later asserts
 subclass swaps the proposer and keeps both checks true.
 
 Trees: when the proposer drafts a tree (`drafter.tree`), four runner methods are wrapped;
-with a chain, or without Medusa, each calls straight through to vLLM's.
+with a chain only `_sample` is, and without Medusa each calls straight through to vLLM's.
 - `_prepare_inputs`: a tree's drafts are scheduled as a flat list, so vLLM gives node j the
   position context + j. That stays the KV slot; the model's position (RoPE) becomes
   context + depth(j), and the step's tree requests are published for the attention backend.
 - `_sample`: the path through each tree is chosen and verified as a chain by vLLM's rejection
   sampler (`vllm_medusa.verify`); the accepted nodes' keys and values are then moved to the
-  slots the next step reads.
+  slots the next step reads. A chain goes through the same code as a one-path tree, so that
+  sampled requests are handled alike: they verify no drafts.
 - `propose_draft_token_ids`: the heads read the hidden state of each request's last accepted
   node, not the chain's last position.
 - `execute_model`: the published tree step never outlives the forward that uses it.
@@ -47,7 +48,21 @@ _PATCHED_ATTR = "_vllm_medusa_patched"
 
 
 def _tree(runner: Any) -> MedusaTree | None:
+    """The tree the Medusa drafter proposes; None for a chain or another drafter."""
     return getattr(getattr(runner, "drafter", None), "tree", None)
+
+
+def _verified_tree(runner: Any) -> MedusaTree | None:
+    """The tree `_sample` verifies: the drafter's tree, or its chain as a one-path tree."""
+    return getattr(getattr(runner, "drafter", None), "verified_tree", None)
+
+
+def _greedy_requests(sampling_metadata: Any, num_reqs: int) -> list[bool]:
+    if sampling_metadata.all_greedy:
+        return [True] * num_reqs
+    if sampling_metadata.all_random:
+        return [False] * num_reqs
+    return (sampling_metadata.temperature[:num_reqs] == 0).tolist()
 
 
 def _publish_tree_step(runner: Any, tree: MedusaTree, num_draft_tokens: list[int]) -> None:
@@ -101,9 +116,14 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
     from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
     num_drafts = spec_metadata.num_draft_tokens
-    paths = choose_paths(tree, logits, num_drafts, spec_metadata.draft_token_ids)
-    view = chain_view(paths, spec_metadata.draft_token_ids, num_drafts)
     sampling_metadata = runner.input_batch.sampling_metadata
+    paths = choose_paths(tree, logits, num_drafts, spec_metadata.draft_token_ids)
+    # Sampled requests verify no drafts: each step samples one token from the target alone.
+    # vLLM 0.32's rejection sampler, on the CPU, accepted their drafts far more often than
+    # the target's probability of them (chain and tree alike).
+    greedy = _greedy_requests(sampling_metadata, len(num_drafts))
+    paths = [path if is_greedy else [] for path, is_greedy in zip(paths, greedy, strict=True)]
+    view = chain_view(paths, spec_metadata.draft_token_ids, num_drafts)
     if sampling_metadata.spec_token_ids is not None:
         # Penalties and bad words read the drafts: they must see the chain being verified.
         tokens = view.draft_token_ids.tolist()
@@ -172,7 +192,7 @@ def _patch_runner(runner_cls: type) -> None:
 
     @functools.wraps(sample)
     def _sample_with_tree(self, logits, spec_decode_metadata):
-        tree = _tree(self)
+        tree = _verified_tree(self)
         if tree is None or spec_decode_metadata is None:
             return sample(self, logits, spec_decode_metadata)
         self.input_batch.update_async_output_token_ids()
