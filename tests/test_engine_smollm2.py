@@ -85,11 +85,8 @@ def test_recorded_hidden_states_are_what_the_lm_head_sees(smollm2_dir: Path):
 
     prompts = [p for p in load_prompts(split="train") if len(p.turns) > 1][:2]
     prompts += load_prompts(split="train")[:3]
-    llm, recorder = recording_llm(str(smollm2_dir), **engine_kwargs(max_num_seqs=8))
-    try:
+    with recording_llm(str(smollm2_dir), **engine_kwargs(max_num_seqs=8)) as (llm, recorder):
         answers = generate_answers(llm, prompts, max_tokens=24, recorder=recorder)
-    finally:
-        shutdown(llm)
     assert len(answers) == 7 and not recorder.rows
     lm_head = BaseModel.open(smollm2_dir).lm_head()  # [vocab, hidden]
     for answer in answers:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -95,10 +96,15 @@ class HiddenStateRecorder:
         return torch.stack(self.rows.pop(matches[0]))
 
 
-def recording_llm(model: str, **kwargs: Any) -> tuple[LLM, HiddenStateRecorder]:
-    """An in-process `LLM` whose hidden states are recorded while it generates."""
+@contextmanager
+def recording_llm(model: str, **kwargs: Any) -> Iterator[tuple[LLM, HiddenStateRecorder]]:
+    """An in-process `LLM` whose hidden states are recorded while it generates; shut down on
+    exit, with torch's thread count (which the in-process engine lowers and locks) restored."""
     from vllm import LLM
 
+    from vllm_medusa.engine import shutdown
+
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
@@ -108,9 +114,14 @@ def recording_llm(model: str, **kwargs: Any) -> tuple[LLM, HiddenStateRecorder]:
             del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
-    recorder = HiddenStateRecorder()
-    recorder.install(llm)
-    return llm, recorder
+    try:
+        recorder = HiddenStateRecorder()
+        recorder.install(llm)
+        yield llm, recorder
+    finally:
+        shutdown(llm)
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
 
 
 def load_prompts(path: str | os.PathLike | None = None, split: str | None = None) -> list[Prompt]:

@@ -389,18 +389,11 @@ def build_head_data(
         held = HeadData.load(held_path) if held_path.is_file() else None
         return HeadData.load(train_path), held, seconds
 
-    from vllm_medusa.engine import engine_kwargs, shutdown
+    from vllm_medusa.engine import engine_kwargs
 
     start = time.perf_counter()
-    # The in-process engine lowers torch's thread count and disables set_num_threads.
-    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
-    llm, recorder = recording_llm(base_model, **engine_kwargs(max_num_seqs=64))
-    try:
+    with recording_llm(base_model, **engine_kwargs(max_num_seqs=64)) as (llm, recorder):
         sequences = generate_answers(llm, prompts, max_tokens=max_tokens, recorder=recorder)
-    finally:
-        shutdown(llm)
-        torch.set_num_threads = set_num_threads
-        torch.set_num_threads(threads)
     seconds["generate"] = _elapsed(start)
     train = recorded_head_data([s for s in sequences if s.split != "heldout"], max_heads)
     train.save(train_path)
