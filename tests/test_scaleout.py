@@ -18,6 +18,7 @@ from vllm_medusa.distill import load_prompts
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.metrics import spec_decode_stats
+from vllm_medusa.tree import TREE_ENV
 
 MAX_TOKENS = 48
 SMALL_ENGINE = {"max_num_seqs": 8, "kv_cache_memory_bytes": 256 << 20}
@@ -66,13 +67,26 @@ def one_core_per_rank() -> Iterator[None]:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
 
 
+@pytest.fixture(scope="module")
+def tiny_expected(tiny_model_dir: Path, prompts: list[str]) -> tuple[list[str], list[list[int]]]:
+    return prompts, reference_token_ids(tiny_model_dir, prompts)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    # The chain of 4 heads, and a tree whose attention masks, positions and KV moves run on
+    # each rank's share of the attention heads.
+    ["chain:4", "[[0],[1],[2],[0,0],[0,1],[1,0],[0,0,0]]"],
+    ids=["chain", "tree"],
+)
 def test_tensor_parallel_2_matches_single_engine_without_speculation(
-    tiny_model_dir: Path, tmp_path: Path, prompts: list[str], one_core_per_rank
+    tiny_model_dir: Path, tiny_expected, tmp_path: Path, one_core_per_rank, tree, monkeypatch
 ):
     # SmolLM2's 9 attention heads do not split over 2 ranks; the tiny model's 2 do. The heads
     # share the target's lm_head, which is split by vocabulary across the ranks.
-    expected = reference_token_ids(tiny_model_dir, prompts)
+    prompts, expected = tiny_expected
     heads = identity_heads(tmp_path / "heads", hidden=128, vocab=49152)
+    monkeypatch.setenv(TREE_ENV, tree)
     llm = LLM(
         model=str(tiny_model_dir),
         speculative_config=medusa_config(heads, num_speculative_tokens=4),
