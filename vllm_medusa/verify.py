@@ -130,8 +130,6 @@ def copy_kv_slots(
     dst: torch.Tensor,  # [M] slots
 ) -> None:
     """Move keys and values between slots in every layer's paged cache."""
-    if src.numel() == 0:
-        return
     for kv, layout in caches:
         num_blocks, num_kv_heads, block_size, two_head = kv.shape
         stretches = kv.view(num_blocks, num_kv_heads, block_size * two_head)

@@ -142,7 +142,8 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
     token_starts = runner.query_start_loc.np[: len(num_drafts)].tolist()
     slot_mapping = runner.input_batch.block_table[0].slot_mapping.cpu
     src, dst = kv_moves(accepted, token_starts, slot_mapping)
-    copy_kv_slots(_kv_caches(runner), src, dst)
+    if src.numel():  # chains, and paths that are their tree's first branch, move nothing
+        copy_kv_slots(_kv_caches(runner), src, dst)
     return output
 
 
