@@ -10,6 +10,7 @@ needs); the plugin loads itself in the server, engine core and workers. It is st
 from __future__ import annotations
 
 import argparse
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--heads", type=Path, default=default_heads_path())
     args = parser.parse_args()
     config = {"method": "medusa", "model": str(args.heads), "num_speculative_tokens": 4}
-    print("server command:", " ".join(server_command(args.model, 8000, config)))
+    print("the same server from a shell:", shlex.join(server_command(args.model, 8000, config)))
 
     log = Path(tempfile.mkdtemp()) / "server.log"
     with running_server(args.model, log, config) as server:
