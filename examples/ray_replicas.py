@@ -53,6 +53,7 @@ def main() -> None:
     try:
         spec = medusa_config(args.heads, num_speculative_tokens=4)
         replicas = start_replicas(args.replicas, str(args.model), spec, ENGINE)
+        ray.get([rep.spec_decode.remote() for rep in replicas])  # engines built: time answers only
         start = time.perf_counter()
         answers = chat_greedy_spread(replicas, prompts, args.max_tokens)
         seconds = time.perf_counter() - start
