@@ -87,4 +87,8 @@ class MedusaCheckpoint:
         base = self.source_config.get("base_model_name_or_path")
         if base:
             config["base_model_name_or_path"] = base
+        # The Medusa tree these heads are meant to verify travels with them.
+        tree = self.source_config.get("medusa_choices")
+        if tree is not None:
+            config["medusa_choices"] = tree
         return config

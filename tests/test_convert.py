@@ -114,6 +114,18 @@ def test_heads_only_v1(tmp_path, fmt, num_heads, num_layers):
     assert verify_conversion(src, dst) == 0.0
 
 
+def test_medusa_tree_travels_with_converted_heads(tmp_path):
+    tree = [[0], [1], [0, 0]]
+    heads = make_heads(H, V, 2, 1, own_lm_head=False)
+    config = heads_config(2, 1, version="2", medusa_choices=tree)
+    src = save_heads_folder(tmp_path / "src", heads, config, "safetensors")
+    convert_checkpoint(src, tmp_path / "vllm")
+    assert json.loads((tmp_path / "vllm" / "config.json").read_text())["medusa_choices"] == tree
+    # And again from the vLLM layout.
+    convert_checkpoint(tmp_path / "vllm", tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["medusa_choices"] == tree
+
+
 def test_safetensors_source_really_dedups_shared_blocks(tmp_path):
     heads = make_heads(H, V, 2, 3)
     src = save_heads_folder(tmp_path / "src", heads, heads_config(2, 3), "safetensors")
