@@ -163,13 +163,15 @@ def kv_layout(isa: str, block_size: int, head: int, dtype: torch.dtype) -> KVLay
 
     token = written((slots[:, None] + 1).expand(block_size, head)) - 1
     channel = written((torch.arange(head)[None, :] + 1).expand(block_size, head)) - 1
+    if (token < 0).any() or (channel < 0).any():
+        raise RuntimeError(f"CPU KV cache layout of ISA {isa!r} could not be measured")
     half = block_size * head
     position = torch.arange(2 * half)
     indices = []
     for part in (slice(0, half), slice(half, 2 * half)):
         index = torch.full((block_size, head), -1, dtype=torch.long)
         index[token[part], channel[part]] = position[part]
-        if (index < 0).any():
+        if (index < 0).any():  # two places held one value: not a layout this code reads
             raise RuntimeError(f"CPU KV cache layout of ISA {isa!r} could not be measured")
         indices.append(index)
     return KVLayout(indices[0], indices[1], _form(indices[0]), _form(indices[1]))
