@@ -30,7 +30,8 @@ MAX_TOKENS = 48
 # Each entry starts one Medusa server, shared by every test below: add another speculative
 # config (extra keys merged into the shipped heads' config) with one more line.
 SPEC_CONFIGS = [
-    pytest.param({"num_speculative_tokens": 4}, id="chain4"),
+    # The shipped heads as published: their own tree (`medusa_choices` in their config).
+    pytest.param({"num_speculative_tokens": 4}, id="shipped-heads"),
 ]
 
 

@@ -123,8 +123,10 @@ def launch(
     speculative_config: dict[str, Any] | None = None,
     extra_args: Sequence[str] = CPU_SERVER_ARGS,
     port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """Start a server without waiting for it (see `wait_ready`)."""
+    """Start a server without waiting for it (see `wait_ready`); `env` adds variables (e.g.
+    VLLM_MEDUSA_TREE) to this process's environment."""
     port = port or free_port()
     cmd = server_command(model, port, speculative_config, extra_args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def launch(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **OFFLINE_ENV},
+            env={**os.environ, **(env or {}), **OFFLINE_ENV},
             start_new_session=True,
         )
     return Server(process, port, log_path, os.fspath(model))
