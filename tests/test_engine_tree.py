@@ -9,7 +9,6 @@ batch 16 preempts requests.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from vllm_medusa.distill import load_prompts
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
-from vllm_medusa.tree import TREE_ENV
+from vllm_medusa.tree import tree_setting
 
 TREE = "[[0],[1],[2],[3],[0,0],[0,1],[1,0],[0,0,0],[0,0,1],[0,0,0,0]]"
 MAX_MODEL_LEN = 1024
@@ -104,15 +103,8 @@ def counter(llm: LLM, name: str) -> float:
 
 def run_engine(model: Path, tree: str | None, speculate: bool = True) -> Run:
     spec = medusa_config(default_heads_path(), num_speculative_tokens=4) if speculate else None
-    previous = os.environ.pop(TREE_ENV, None)
-    if tree is not None:
-        os.environ[TREE_ENV] = tree  # read where the settings are parsed, in this process
-    try:
+    with tree_setting(tree):
         llm = LLM(model=str(model), speculative_config=spec, **ENGINE)
-    finally:
-        os.environ.pop(TREE_ENV, None)
-        if previous is not None:
-            os.environ[TREE_ENV] = previous
     try:
         cases = scenarios(model)
         outputs = run(llm, cases)

@@ -18,6 +18,7 @@ from vllm_medusa.tree import (
     configured_tree,
     named_trees,
     parse_tree,
+    tree_setting,
 )
 from vllm_medusa.tree_attention import (
     KVLayout,
@@ -150,6 +151,15 @@ def test_process_setting_overrides_heads_config(monkeypatch):
     assert configured_tree([[0], [1]]).num_nodes == 2
     monkeypatch.setenv(TREE_ENV, "zephyr_stage2")
     assert configured_tree([[0], [1]]).name == "zephyr_stage2"
+
+
+def test_tree_setting_is_scoped(monkeypatch):
+    monkeypatch.setenv(TREE_ENV, "chain:2")
+    with tree_setting("zephyr_stage2"):
+        assert configured_tree(None).name == "zephyr_stage2"
+    with tree_setting(None):
+        assert configured_tree([[0], [1]]).num_nodes == 2  # the heads' own setting
+    assert configured_tree(None).name == "chain:2"
 
 
 def test_path_follows_the_targets_best_child_and_stops_at_leaves():

@@ -66,6 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_speculative_tokens=args.num_speculative_tokens,
         max_tokens=args.max_tokens,
         max_prompts=args.max_prompts,
+        tree=args.tree,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument(
+        "--tree", default=None, help="a Medusa tree setting (default: the chain of k heads)"
+    )
     p.set_defaults(func=_evaluate)
     return parser
 

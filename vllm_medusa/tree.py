@@ -12,8 +12,10 @@ is fed at position `context + depth(j)` and may see the context, its ancestors a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -221,6 +223,21 @@ def configured_tree(config_value: Any) -> MedusaTree | None:
     `medusa_choices` (passed in), else none (a chain of `num_speculative_tokens` heads)."""
     spec = os.environ.get(TREE_ENV) or config_value
     return None if spec is None else parse_tree(spec)
+
+
+@contextlib.contextmanager
+def tree_setting(spec: str | None) -> Iterator[None]:
+    """Within this block, engines built in this process verify `spec` (None: the heads'
+    own setting). The setting is read where `LLM(...)` parses its settings."""
+    previous = os.environ.pop(TREE_ENV, None)
+    if spec is not None:
+        os.environ[TREE_ENV] = spec
+    try:
+        yield
+    finally:
+        os.environ.pop(TREE_ENV, None)
+        if previous is not None:
+            os.environ[TREE_ENV] = previous
 
 
 def tree_of_heads(heads_config: Any) -> MedusaTree | None:
