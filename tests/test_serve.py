@@ -25,6 +25,7 @@ from vllm_medusa.heads import default_heads_path
 from vllm_medusa.loadtest import build_requests, choice_token_ids, greedy_kwargs
 from vllm_medusa.loadtest import main as load_main
 from vllm_medusa.server import Server, launch, spec_decode_metrics, wait_ready
+from vllm_medusa.tree import TREE_ENV
 
 MAX_TOKENS = 48
 # Each entry starts one Medusa server, shared by every test below: add another speculative
@@ -217,19 +218,25 @@ def wrong_model_heads(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("make_heads_dir", "expected"),
+    ("make_heads_dir", "tree", "expected"),
     [
-        (wrong_model_heads, "hidden size 128 but the target model has 576"),
-        (lambda folder: folder, "Invalid repository ID or local directory specified"),
+        (wrong_model_heads, None, "hidden size 128 but the target model has 576"),
+        (lambda folder: folder, None, "Invalid repository ID or local directory specified"),
+        (
+            lambda folder: default_heads_path(),
+            "[[0], [0, 1], [1, 1]]",
+            "path [1, 1] has no parent [1]: add the parent path or remove this one",
+        ),
     ],
-    ids=["wrong-model-heads", "missing-folder"],
+    ids=["wrong-model-heads", "missing-folder", "malformed-tree"],
 )
 def test_bad_speculative_config_stops_server_at_startup(
-    smollm2_dir: Path, tmp_path: Path, make_heads_dir, expected: str
+    smollm2_dir: Path, tmp_path: Path, make_heads_dir, tree: str | None, expected: str
 ):
     heads = make_heads_dir(tmp_path / "heads")
     config = {"method": "medusa", "model": str(heads), "num_speculative_tokens": 4}
-    server = launch(smollm2_dir, tmp_path / "server.log", config)
+    env = {TREE_ENV: tree} if tree else None
+    server = launch(smollm2_dir, tmp_path / "server.log", config, env=env)
     try:
         code = server.process.wait(timeout=240)
     finally:
