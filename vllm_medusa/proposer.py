@@ -25,10 +25,15 @@ class MedusaProposer(VllmMedusaProposer):
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config=vllm_config, device=device)
         self.tree: MedusaTree | None = tree_of_heads(self.spec_config.draft_model_config.hf_config)
-        # What the runner verifies: the tree, or the chain as a tree with one path.
-        self.verified_tree: MedusaTree = self.tree or build_tree(
-            chain_paths(self.num_speculative_tokens), name=f"chain:{self.num_speculative_tokens}"
-        )
+        # What the runner verifies itself: the tree; on the CPU also a chain, as a tree with
+        # one path, so that sampled requests skip vLLM's CPU rejection sampler (see
+        # patches/model_runner). Elsewhere chains stay vLLM's.
+        self.verified_tree: MedusaTree | None = self.tree
+        if self.tree is None and torch.device(device).type == "cpu":
+            self.verified_tree = build_tree(
+                chain_paths(self.num_speculative_tokens),
+                name=f"chain:{self.num_speculative_tokens}",
+            )
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
