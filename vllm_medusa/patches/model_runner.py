@@ -7,14 +7,15 @@ when `speculative_config.method == "medusa"`, and later asserts
 subclass swaps the proposer and keeps both checks true.
 
 Trees: when the proposer drafts a tree (`drafter.tree`), four runner methods are wrapped;
-with a chain only `_sample` is, and without Medusa each calls straight through to vLLM's.
+with a chain on the CPU only `_sample` is (`drafter.verified_tree`), and otherwise each
+calls straight through to vLLM's.
 - `_prepare_inputs`: a tree's drafts are scheduled as a flat list, so vLLM gives node j the
   position context + j. That stays the KV slot; the model's position (RoPE) becomes
   context + depth(j), and the step's tree requests are published for the attention backend.
 - `_sample`: the path through each tree is chosen and verified as a chain by vLLM's rejection
   sampler (`vllm_medusa.verify`); the accepted nodes' keys and values are then moved to the
-  slots the next step reads. A chain goes through the same code as a one-path tree, so that
-  sampled requests are handled alike: they verify no drafts.
+  slots the next step reads. On the CPU a chain goes through the same code as a one-path
+  tree, so that sampled requests are handled alike: they verify no drafts.
 - `propose_draft_token_ids`: the heads read the hidden state of each request's last accepted
   node, not the chain's last position.
 - `execute_model`: the published tree step never outlives the forward that uses it.
