@@ -9,6 +9,8 @@ batch 16 preempts requests.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
+from vllm.sampling_params import StructuredOutputsParams
 
 from vllm_medusa.distill import load_prompts
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
@@ -38,12 +41,18 @@ ENGINE = engine_kwargs(
 HELDOUT = [p.turns[0] for p in load_prompts(split="heldout")]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 NUM_SAMPLES = 300
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}, "steps": {"type": "integer"}},
+    "required": ["answer", "steps"],
+}
+YES_NO = r"(Yes|No), because [a-z ,]{5,80}\."
 
 
 @dataclass
 class Scenario:
     prompts: list  # chat conversations, or TokensPrompt
-    params: SamplingParams
+    params: SamplingParams | list[SamplingParams]  # one for all prompts, or one each
     one_at_a_time: bool = False
 
 
@@ -66,6 +75,16 @@ def scenarios(model: Path) -> dict[str, Scenario]:
             f"max_tokens_{n}": Scenario(chat[12:16], SamplingParams(temperature=0.0, max_tokens=n))
             for n in (1, 2, 3)
         },
+        # Grammar-constrained requests next to a plain one, in one batch.
+        "structured": Scenario(
+            chat[:4],
+            [
+                structured(json=ANSWER_SCHEMA),
+                structured(regex=YES_NO),
+                GREEDY,
+                structured(json=ANSWER_SCHEMA),
+            ],
+        ),
         # Many draws of one prompt: tokens after the first come from tree steps.
         "sampled": Scenario([chat[0]] * NUM_SAMPLES, SamplingParams(temperature=1.0, max_tokens=4)),
         # Ends at max_model_len: the tree must be cut to the room that is left.
@@ -74,6 +93,12 @@ def scenarios(model: Path) -> dict[str, Scenario]:
             SamplingParams(temperature=0.0, max_tokens=32),
         ),
     }
+
+
+def structured(**grammar) -> SamplingParams:
+    return SamplingParams(
+        temperature=0.0, max_tokens=60, structured_outputs=StructuredOutputsParams(**grammar)
+    )
 
 
 @dataclass
@@ -174,6 +199,7 @@ SCENARIOS = [
     "max_tokens_2",
     "max_tokens_3",
     "near_max_model_len",
+    "structured",
     "batch4_cached",
     "short_and_long_cached",
 ]
@@ -193,6 +219,19 @@ def test_hard_cases_were_exercised(reference, tree_run):
     # Each near-limit prompt stops exactly at max_model_len.
     lengths = [len(t) for t, _, _ in tree_run.outputs["near_max_model_len"]]
     assert lengths == [3, 9, 17]
+
+
+def test_structured_outputs_keep_their_grammar(tree_run):
+    """Requests with a grammar get no drafts from a tree (its masks would be a chain's),
+    so they follow their grammar exactly as without speculation."""
+    outputs = tree_run.outputs["structured"]
+    _, yes_no, _ = outputs[1]
+    assert re.fullmatch(YES_NO, yes_no), yes_no
+    for _, text, reason in (outputs[0], outputs[3]):
+        if reason == "stop":
+            assert set(json.loads(text)) >= {"answer", "steps"}, text
+        else:  # cut by max_tokens: a start the grammar allows
+            assert text.lstrip().startswith("{"), text
 
 
 def test_tree_accepts_more_than_the_chain_of_the_same_heads(tree_run, chain_run):

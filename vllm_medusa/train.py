@@ -392,7 +392,11 @@ def build_head_data(
     from vllm_medusa.engine import engine_kwargs
 
     start = time.perf_counter()
-    with recording_llm(base_model, **engine_kwargs(max_num_seqs=64)) as (llm, recorder):
+    # 256 answers in flight: ~20 % more tokens/s than 64 on two cores; the cache holds them.
+    settings = engine_kwargs(
+        max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory_bytes=4 << 30
+    )
+    with recording_llm(base_model, **settings) as (llm, recorder):
         sequences = generate_answers(llm, prompts, max_tokens=max_tokens, recorder=recorder)
     seconds["generate"] = _elapsed(start)
     train = recorded_head_data([s for s in sequences if s.split != "heldout"], max_heads)

@@ -18,7 +18,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 
@@ -44,7 +43,8 @@ class TreeBatch:
     token_index: torch.Tensor  # [R, n_max] long: each query row's token (padding repeats)
     valid: torch.Tensor  # [R, n_max] bool: real rows
     block_ids: torch.Tensor  # [R, B] long: KV blocks to read (padding: block 0, masked)
-    bias: torch.Tensor  # [R, 1, n_max, B * block_size] float: 0 where a row may look, -inf
+    bias: torch.Tensor  # [R, 1, 1, n_max, B * block_size] float: 0 where a row may look, -inf
+    flat_index: torch.Tensor  # [valid rows] long: token_index[valid]
 
 
 class TreeStep:
@@ -84,7 +84,7 @@ def _pad(
         mask[r, :n, seq.context_len : kv_len] = seq.node_mask
     # An additive mask once per step: a boolean one is converted again in every layer.
     bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
-    return TreeBatch(token_index, valid, block_ids, bias.unsqueeze(1))
+    return TreeBatch(token_index, valid, block_ids, bias[:, None, None], token_index[valid])
 
 
 _current_step: TreeStep | None = None
@@ -186,26 +186,32 @@ def attend_trees(
     scale: float,
     output: torch.Tensor,  # [num_tokens, num_heads, head]: tree rows are overwritten
 ) -> None:
+    """Plain matmuls over the cache blocks as they lie: one copy of the requests' blocks
+    (index_select), no re-layout of keys or values, and no SDPA, whose mask and GQA handling
+    cost more than the arithmetic at a few query rows per request. Runs in every layer."""
     num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
     head = two_head // 2
     batch = step.batch(block_table, block_size, query.dtype)
     rows, blocks = batch.block_ids.shape
+    n_max = batch.token_index.shape[1]
+    group = query.shape[1] // num_kv_heads  # query heads per KV head
     stretches = kv_cache.view(num_blocks, num_kv_heads, block_size * two_head)
-    chunk = stretches[batch.block_ids]  # [R, B, num_kv_heads, block_size * 2 * head]
-
-    def gathered(keys: bool) -> torch.Tensor:
-        """[R, B, kv_heads, block_size, head] -> [R, kv_heads, B * block_size, head]"""
-        return layout.read(chunk, keys).transpose(1, 2).reshape(rows, num_kv_heads, -1, head)
-
-    attended = F.scaled_dot_product_attention(
-        query[batch.token_index].transpose(1, 2).contiguous(),  # [R, num_heads, n_max, head]
-        gathered(keys=True),
-        gathered(keys=False),
-        attn_mask=batch.bias,
-        scale=scale,
-        enable_gqa=True,
-    ).transpose(1, 2)  # [R, n_max, num_heads, head]
-    output[batch.token_index[batch.valid]] = attended[batch.valid].to(output.dtype)
+    chunk = stretches.index_select(0, batch.block_ids.flatten())
+    chunk = chunk.view(rows, blocks, num_kv_heads, block_size * two_head)
+    keys = layout.read(chunk, keys=True).transpose(-1, -2)  # [R, B, kv_heads, head, bs]
+    values = layout.read(chunk, keys=False)  # [R, B, kv_heads, bs, head]
+    q = query.index_select(0, batch.token_index.flatten()) * scale
+    q = q.view(rows, n_max, num_kv_heads, group, head).permute(0, 2, 3, 1, 4)
+    q = q.reshape(rows, 1, num_kv_heads, group * n_max, head)
+    scores = torch.matmul(q, keys)  # [R, B, kv_heads, group * n_max, bs]
+    scores = scores.view(rows, blocks, num_kv_heads, group, n_max, block_size)
+    scores = scores.permute(0, 2, 3, 4, 1, 5).reshape(rows, num_kv_heads, group, n_max, -1)
+    probs = torch.softmax(scores.add_(batch.bias), dim=-1)  # [R, kv_heads, g, n_max, B * bs]
+    probs = probs.view(rows, num_kv_heads, group * n_max, blocks, block_size)
+    # [R, B, kv_heads, g * n_max, head], summed over the blocks
+    attended = torch.matmul(probs.permute(0, 3, 1, 2, 4), values).sum(1)
+    attended = attended.view(rows, num_kv_heads, group, n_max, head).permute(0, 3, 1, 2, 4)
+    output[batch.flat_index] = attended[batch.valid].flatten(1, 2).to(output.dtype)
 
 
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):

@@ -14,6 +14,8 @@ Each module touches one vLLM surface and names the vLLM version it was read from
   would build vLLM's, and verifies Medusa trees (positions, path choice, KV moves, drafter
   input).
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
+- `structured_output`: while trees are verified, requests with structured outputs get no
+  drafts (vLLM's grammar masks assume a chain).
 """
 
 from vllm_medusa.patches import (
@@ -22,6 +24,7 @@ from vllm_medusa.patches import (
     model_registry,
     model_runner,
     speculative_config,
+    structured_output,
 )
 
 
@@ -31,3 +34,4 @@ def apply() -> None:
     speculative_config.apply()
     model_runner.apply()
     cpu_attention.apply()
+    structured_output.apply()
