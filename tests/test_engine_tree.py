@@ -77,13 +77,7 @@ def scenarios(model: Path) -> dict[str, Scenario]:
         },
         # Grammar-constrained requests next to a plain one, in one batch.
         "structured": Scenario(
-            chat[:4],
-            [
-                structured(json=ANSWER_SCHEMA),
-                structured(regex=YES_NO),
-                GREEDY,
-                structured(json=ANSWER_SCHEMA),
-            ],
+            chat[:4], [STRUCTURED, structured(regex=YES_NO), GREEDY, STRUCTURED]
         ),
         # Many draws of one prompt: tokens after the first come from tree steps.
         "sampled": Scenario([chat[0]] * NUM_SAMPLES, SamplingParams(temperature=1.0, max_tokens=4)),
@@ -101,12 +95,16 @@ def structured(**grammar) -> SamplingParams:
     )
 
 
+STRUCTURED = structured(json=ANSWER_SCHEMA)
+
+
 @dataclass
 class Run:
     outputs: dict[str, list[tuple[list[int], str, str | None]]]
     stats: SpecDecodeStats
     preemptions: float
     prefix_cache_hits: float
+    structured_drafts: float  # drafts verified for grammar-constrained requests
 
 
 def run(llm: LLM, cases: dict[str, Scenario]) -> dict[str, list]:
@@ -136,11 +134,15 @@ def run_engine(model: Path, tree: str | None, speculate: bool = True) -> Run:
         # The same prompts again: now served from the prefix cache.
         repeated = run(llm, {"batch4": cases["batch4"], "short_and_long": cases["short_and_long"]})
         outputs.update({f"{k}_cached": v for k, v in repeated.items()})
+        stats = spec_decode_stats(llm)
+        # Grammar-constrained requests alone: how many drafts did they get?
+        run(llm, {"structured_only": Scenario(cases["structured"].prompts[:2], STRUCTURED)})
         return Run(
             outputs,
-            spec_decode_stats(llm),
+            stats,
             counter(llm, "vllm:num_preemptions"),
             counter(llm, "vllm:prefix_cache_hits"),
+            spec_decode_stats(llm).num_drafts - stats.num_drafts,
         )
     finally:
         shutdown(llm)
@@ -221,9 +223,11 @@ def test_hard_cases_were_exercised(reference, tree_run):
     assert lengths == [3, 9, 17]
 
 
-def test_structured_outputs_keep_their_grammar(tree_run):
+def test_structured_outputs_keep_their_grammar(tree_run, chain_run):
     """Requests with a grammar get no drafts from a tree (its masks would be a chain's),
-    so they follow their grammar exactly as without speculation."""
+    so they follow their grammar exactly as without speculation; chains still draft."""
+    assert tree_run.structured_drafts == 0
+    assert chain_run.structured_drafts > 0
     outputs = tree_run.outputs["structured"]
     _, yes_no, _ = outputs[1]
     assert re.fullmatch(YES_NO, yes_no), yes_no
