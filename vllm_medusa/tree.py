@@ -240,6 +240,11 @@ def tree_setting(spec: str | None) -> Iterator[None]:
             os.environ[TREE_ENV] = previous
 
 
+def serves_tree(heads_config: Any) -> bool:
+    """Whether the engine verifies a tree rather than a chain, read without building it."""
+    return getattr(heads_config, RESOLVED_ATTR, None) is not None
+
+
 def tree_of_heads(heads_config: Any) -> MedusaTree | None:
     """The tree the engine verifies, as resolved once where the settings were parsed and
     carried to every process on the heads' config; None for a chain."""

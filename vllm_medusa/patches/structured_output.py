@@ -14,16 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 _ORIGINAL_ATTR = "_vllm_medusa_original_validate_tokens"
-_TREES_ATTR = "_vllm_medusa_verifies_trees"
 
 
 def _verifies_trees(vllm_config: Any) -> bool:
-    from vllm_medusa.tree import tree_of_heads
+    from vllm_medusa.tree import serves_tree
 
     spec = getattr(vllm_config, "speculative_config", None)
     if spec is None or spec.method != "medusa" or spec.draft_model_config is None:
         return False
-    return tree_of_heads(spec.draft_model_config.hf_config) is not None
+    return serves_tree(spec.draft_model_config.hf_config)
 
 
 def apply() -> None:
@@ -35,13 +34,8 @@ def apply() -> None:
     setattr(StructuredOutputManager, _ORIGINAL_ATTR, original)
 
     def validate_tokens(self, request: Any, spec_tokens: list[int]) -> list[int]:
-        if request.use_structured_output:
-            trees = getattr(self, _TREES_ATTR, None)
-            if trees is None:
-                trees = _verifies_trees(self.vllm_config)
-                setattr(self, _TREES_ATTR, trees)
-            if trees:
-                return []
+        if request.use_structured_output and _verifies_trees(self.vllm_config):
+            return []
         return original(self, request, spec_tokens)
 
     StructuredOutputManager.validate_tokens = validate_tokens
