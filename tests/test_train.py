@@ -99,33 +99,6 @@ def test_heads_learn_synthetic_task(data, lm_head, train_vocab, own_lm_head, num
         assert acc["top1"][h] >= 0.95, acc
 
 
-@pytest.fixture(scope="module")
-def answer_pairs(lm_head) -> HeadData:
-    """Answers of two positions whose second hidden state is the teacher's block of the
-    first: row 2i is x, row 2i+1 is teacher(x), and each target is the lm_head's argmax of
-    the row that emitted it, as in self-distilled answers."""
-    x = torch.randn(ROWS // 2, H, generator=torch.Generator().manual_seed(2))
-    y = _teacher(x, 0)
-    hidden = torch.stack([x, y], 1).flatten(0, 1)  # [ROWS, H], answers' rows consecutive
-    emitted = (hidden @ lm_head.T).argmax(-1)  # [ROWS]
-    ahead = torch.stack([emitted[1::2], torch.full_like(emitted[1::2], -1)], 1).flatten()
-    return HeadData(hidden=hidden, targets=torch.stack([emitted, ahead], 1))
-
-
-@pytest.mark.parametrize("train_vocab", ["batch", "data", "full"])
-def test_soft_labels_come_from_the_row_that_emitted_the_target(answer_pairs, lm_head, train_vocab):
-    """Trained on soft labels alone, head 0 still learns its targets: the distribution it
-    matches is the one at row r + 1, which emitted row r's target."""
-    cfg = _cfg(num_heads=1, train_vocab=train_vocab, soft_label_weight=1.0)
-    model = train_heads(answer_pairs, lm_head, cfg)
-    assert topk_accuracy(model, answer_pairs)["top1"][0] >= 0.95
-
-
-def test_soft_label_weight_out_of_range_refused(data, lm_head):
-    with pytest.raises(ValueError, match="soft_label_weight is 1.5"):
-        train_heads(data, lm_head, _cfg(soft_label_weight=1.5, max_steps=1))
-
-
 def test_topk_accuracy_ignores_missing_targets(data, lm_head):
     """Rows whose target is -1 (sequence ended) count neither as hits nor as misses."""
     model = MedusaHeadStack(_cfg(), lm_head)

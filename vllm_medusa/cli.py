@@ -36,7 +36,6 @@ def _train(args: argparse.Namespace) -> int:
         train_vocab=args.train_vocab,
         negatives=args.negatives,
         random_negatives=args.random_negatives,
-        soft_label_weight=args.soft_label_weight,
         seed=args.seed,
         device=args.device,
     )
@@ -138,12 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--negatives", type=int, default=16, help="base top-k tokens per row")
     p.add_argument("--random-negatives", type=int, default=1024, help="random tokens per step")
-    p.add_argument(
-        "--soft-label-weight",
-        type=float,
-        default=0.0,
-        help="share of the loss on the base model's distribution for each target (0 to 1)",
-    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from the saved state")

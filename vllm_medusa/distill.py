@@ -210,8 +210,6 @@ class HeadData:
     hidden:  [rows, hidden] the base model's last (normed) hidden state at position t
     targets: [rows, 1 + max_heads] token ids at t+1 (the base model's own next token), t+2,
              ... ; -1 where the sequence has ended. Column h+1 is head h's target.
-
-    An answer's rows are consecutive: while targets[r, j] >= 0, row r + j is position t + j.
     """
 
     hidden: torch.Tensor

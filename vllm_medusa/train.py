@@ -54,10 +54,6 @@ class TrainConfig:
     train_vocab: str = "data"
     negatives: int = 16
     random_negatives: int = 1024
-    # Share of each head's loss that matches the base model's whole distribution for the
-    # head's target token (soft labels) instead of the one token it emitted; 0 is the
-    # Medusa recipe's plain cross-entropy.
-    soft_label_weight: float = 0.0
     seed: int = 0
     device: str = "cpu"
 
@@ -173,29 +169,12 @@ def _softmax_vocab(
     """(per-row base top-k tokens [rows, k] for "batch", fixed token ids for "data")."""
     if cfg.train_vocab not in ("batch", "data", "full"):
         raise ValueError(f"unknown train_vocab {cfg.train_vocab!r}: use batch, data or full")
-    if not 0.0 <= cfg.soft_label_weight <= 1.0:
-        raise ValueError(f"soft_label_weight is {cfg.soft_label_weight}: give a value in [0, 1]")
     if cfg.train_vocab == "full":
         return None, None
     negatives = _base_top_tokens(data.hidden, lm_head, cfg.negatives)
     if cfg.train_vocab == "batch":
         return negatives, None
     return None, _data_vocab(data, negatives, lm_head.shape[0])
-
-
-@torch.no_grad()
-def _soft_labels(
-    data: HeadData, rows: torch.Tensor, lm_head: torch.Tensor, vocab_ids: torch.Tensor | None
-) -> torch.Tensor:
-    """[len(rows), train vocab] the base lm_head's distribution at `rows`, over the training
-    softmax's tokens.
-
-    Head h's target at row r is the token the base model emitted from row r + h + 1 (an
-    answer's rows are consecutive, and a valid target means that row exists), so that row's
-    distribution is the soft label, free from the cached hidden states.
-    """
-    weight = lm_head if vocab_ids is None else lm_head[vocab_ids]  # [train vocab, hidden]
-    return F.softmax(data.hidden[rows].to(lm_head.device) @ weight.T, dim=-1)
 
 
 def train_heads(
@@ -256,9 +235,6 @@ def train_heads(
         if negatives is not None:
             seed = cfg.seed * 1_000_003 + step
             batch_negatives = negatives[idx].to(device)
-            if cfg.soft_label_weight > 0:  # the soft labels' likeliest tokens too
-                ahead = (idx[:, None] + torch.arange(1, cfg.num_heads + 1)).clamp(max=rows - 1)
-                batch_negatives = torch.cat([batch_negatives, negatives[ahead.flatten()]])
             vocab_ids = _batch_vocab(
                 head_targets, batch_negatives, lm_head.shape[0], cfg.random_negatives, seed
             )
@@ -273,13 +249,7 @@ def train_heads(
                 # Column of each target in the reduced softmax (every target is in it).
                 target = torch.searchsorted(vocab_ids, target.clamp(min=0))
             logits = state_h[valid] @ weight.T  # [valid, train vocab]
-            head_loss = F.cross_entropy(logits, target[valid])
-            if cfg.soft_label_weight > 0:
-                soft = _soft_labels(data, idx[valid.cpu()] + h + 1, lm_head, vocab_ids)
-                head_loss = torch.lerp(
-                    head_loss, F.cross_entropy(logits, soft.to(device)), cfg.soft_label_weight
-                )
-            loss = loss + weights[h] * head_loss
+            loss = loss + weights[h] * F.cross_entropy(logits, target[valid])
             accs.append((logits.argmax(-1) == target[valid]).float().mean().item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
