@@ -154,6 +154,30 @@ def test_named_tree_greedy_output_matches_no_speculation(tiny_run: TinyRun, tree
     assert sum(stats.accepted_per_position[4:]) == 0
 
 
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "chain:4"])
+def test_batch_size_schedule_sets_drafts_per_step(tiny_run: TinyRun, tree_setting, tree):
+    """vLLM's `num_speculative_tokens_per_batch_size`: no drafts while one request runs, the
+    first 2 nodes (a tree's breadth-first prefix, a chain's first heads) for more; output
+    unchanged either way."""
+    tree_setting(tree)
+    spec = medusa_config(tiny_run.heads_v2, num_speculative_tokens=4)
+    spec["num_speculative_tokens_per_batch_size"] = [[1, 1, 0], [2, 16, 2]]
+    llm = LLM(model=str(tiny_run.model), speculative_config=spec, **engine_kwargs(**TINY_ENGINE))
+    try:
+        single = [chat_token_ids(llm, [p])[0] for p in tiny_run.prompts[:2]]
+        alone = spec_decode_stats(llm)
+        batch = chat_token_ids(llm, tiny_run.prompts)
+        together = spec_decode_stats(llm).minus(alone)
+    finally:
+        shutdown(llm)
+    assert single == tiny_run.reference_single
+    assert batch == tiny_run.reference_batch
+    assert alone.num_drafts == 0
+    assert together.num_drafts > 0
+    assert together.num_draft_tokens == 2 * together.num_drafts, together.as_dict()
+    assert together.num_accepted_tokens > 0
+
+
 @pytest.mark.parametrize(
     ("tree", "words"),
     [

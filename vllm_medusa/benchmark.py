@@ -3,9 +3,10 @@
 Engines on the same prompts: no speculation, vLLM's built-in Medusa (this plugin disabled
 through `VLLM_PLUGINS`), this plugin with a chain of k heads, and this plugin with a tree
 (`--tree`), each in its own process so that one engine's plugin state or memory never
-touches another's. Batch size b means b requests in
-flight: b=1 sends the prompts one after another, b>1 sends them all and lets the engine run
-b at a time. Every run's outputs are compared with the no-speculation outputs.
+touches another's. Batch size b means b requests in flight: the prompts go in groups of b,
+one group after another (b=1: one prompt at a time). `--spec-schedule` hands the plugin's
+engines vLLM's `num_speculative_tokens_per_batch_size`. Every run's outputs are compared
+with the no-speculation outputs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _worker(args: argparse.Namespace) -> int:
     prompts = [p.turns[0] for p in load_prompts(args.prompts, split=args.split)]
     prompts = prompts[: args.num_prompts]
     spec = None if args.config == "none" else medusa_config(args.heads, args.k)
+    if spec and args.spec_schedule and args.config.startswith("plugin"):
+        spec["num_speculative_tokens_per_batch_size"] = json.loads(args.spec_schedule)
     llm = LLM(
         model=args.model,
         speculative_config=spec,
@@ -51,10 +54,10 @@ def _worker(args: argparse.Namespace) -> int:
         for run in range(args.runs):
             before = spec_decode_stats(llm) if spec else None
             start = time.perf_counter()
-            if batch == 1:
-                outputs = [llm.chat([c], params, use_tqdm=False)[0] for c in conversations]
-            else:
-                outputs = llm.chat(conversations, params, use_tqdm=False)
+            outputs = []
+            for group in range(0, len(conversations), batch):
+                chats = conversations[group : group + batch]
+                outputs += llm.chat(chats, params, use_tqdm=False)
             seconds = time.perf_counter() - start
             tokens = [list(o.outputs[0].token_ids) for o in outputs]
             record = {
@@ -164,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tree for plugin-tree: a name, chain:K, a JSON list or a .json file "
         "(default: the heads' config.json medusa_choices)",
     )
+    p.add_argument(
+        "--spec-schedule",
+        default=None,
+        help="JSON [[first batch, last batch, drafts], ...] for the plugin's engines: vLLM's "
+        "num_speculative_tokens_per_batch_size (drafts count tree nodes; 0: none)",
+    )
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -172,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.spec_schedule:
+        try:
+            json.loads(args.spec_schedule)
+        except json.JSONDecodeError as e:
+            parser.error(f"--spec-schedule is not JSON ({e}): give e.g. '[[1, 1, 5], [2, 256, 0]]'")
     if args.split is None and args.prompts is None:
         args.split = "heldout"
     if args.worker_out:
@@ -214,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--batch-sizes",
                 *map(str, args.batch_sizes),
             ]
+            if args.spec_schedule:
+                cmd += ["--spec-schedule", args.spec_schedule]
             if args.prompts:
                 cmd += ["--prompts", args.prompts]
             if args.split:

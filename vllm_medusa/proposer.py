@@ -63,15 +63,26 @@ class MedusaProposer(VllmMedusaProposer):
         sampling_metadata: SamplingMetadata,
         slot_mappings: object = None,
     ) -> torch.Tensor:
-        """target_hidden_states: [num_reqs, hidden] -> draft token ids [num_reqs, drafts]."""
+        """target_hidden_states: [num_reqs, hidden] -> draft token ids [num_reqs, drafts].
+
+        `num_speculative_tokens` is what vLLM's scheduler asks for this step: the configured
+        number, or less under `num_speculative_tokens_per_batch_size` (0: no drafts). A
+        shorter chain is its first heads; a smaller tree is its first nodes in breadth-first
+        order, a tree itself since every node comes after its parent.
+        """
+        num_reqs = target_hidden_states.shape[0]
+        if num_speculative_tokens == 0:
+            return torch.empty(num_reqs, 0, dtype=torch.long, device=target_hidden_states.device)
         # The model holds exactly the heads in use (chain length or tree depth).
         head_states = torch.stack(self.model(target_hidden_states))  # [heads, num_reqs, hidden]
         logits = self.model.stacked_logits(head_states)  # [heads, num_reqs, vocab]
         if self.tree is None:
-            return logits.argmax(dim=-1).transpose(0, 1)
+            return logits[:num_speculative_tokens].argmax(dim=-1).transpose(0, 1)
         candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
-        # [nodes, num_reqs] -> [num_reqs, nodes]
-        return candidates[self.tree.heads, :, self.tree.ranks].transpose(0, 1)
+        heads = self.tree.heads[:num_speculative_tokens]
+        ranks = self.tree.ranks[:num_speculative_tokens]
+        # [drafts, num_reqs] -> [num_reqs, drafts]
+        return candidates[heads, :, ranks].transpose(0, 1)
 
 
 def _check_tree_attention(vllm_config) -> None:
