@@ -29,10 +29,10 @@ from vllm_medusa.tree import TREE_ENV
 
 MAX_TOKENS = 48
 # Each entry starts one Medusa server, shared by every test below: add another speculative
-# config (extra keys merged into the shipped heads' config) with one more line.
+# config (extra keys merged into the shipped heads' config, and a tree) with one more line.
 SPEC_CONFIGS = [
-    # The shipped heads as published: their own tree (`medusa_choices` in their config).
-    pytest.param({"num_speculative_tokens": 4}, id="shipped-heads"),
+    # The shipped heads with a tree (`VLLM_MEDUSA_TREE`; their own config has none).
+    pytest.param(({"num_speculative_tokens": 4}, "[[0],[1],[2],[0,0],[1,0]]"), id="tree"),
 ]
 
 
@@ -59,7 +59,8 @@ def medusa_server(
     smollm2_dir: Path, tmp_path_factory, request, reference_launch: Server
 ) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("servers") / "medusa.log"
-    server = launch(smollm2_dir, log, medusa_config(request.param))
+    extra, tree = request.param
+    server = launch(smollm2_dir, log, medusa_config(extra), env={TREE_ENV: tree})
     try:
         wait_ready(server)
         yield server
