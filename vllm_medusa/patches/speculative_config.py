@@ -21,6 +21,7 @@ from vllm_medusa.tree import CONFIG_KEY, RESOLVED_ATTR, MedusaTree, configured_t
 logger = logging.getLogger(f"vllm.{__name__}")
 
 _ORIGINAL_ATTR = "_vllm_medusa_original_verify_vocab"
+_UNSET = object()
 
 
 def check_heads_fit_target(
@@ -62,13 +63,12 @@ def use_tree(spec_config, heads, tree: MedusaTree | None, num_heads: int) -> Non
             f"{num_heads} deep"
         )
     heads.num_heads = tree.depth
-    if tree.is_chain:
-        spec_config.num_speculative_tokens = tree.depth
-        setattr(heads, RESOLVED_ATTR, None)
-    else:
-        spec_config.num_speculative_tokens = tree.num_nodes
-        setattr(heads, RESOLVED_ATTR, resolved_form(tree))
-    logger.info("vllm-medusa: %s", tree.describe())
+    resolved = None if tree.is_chain else resolved_form(tree)
+    # vLLM validates the speculative config again inside its VllmConfig: log the tree once.
+    if getattr(heads, RESOLVED_ATTR, _UNSET) != resolved:
+        logger.info("vllm-medusa: %s", tree.describe())
+    spec_config.num_speculative_tokens = tree.depth if tree.is_chain else tree.num_nodes
+    setattr(heads, RESOLVED_ATTR, resolved)
 
 
 def apply() -> None:
