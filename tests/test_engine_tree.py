@@ -4,7 +4,9 @@ One engine verifies trees, one runs without speculation, one verifies the chain 
 heads; each runs every scenario once and the tests compare. The engines share settings that
 put the hard cases in play: chunked prefill (a small token budget, long prompts), prefix
 caching (every scenario's prompts come back once more), and a KV cache small enough that
-batch 16 preempts requests.
+batch 16 preempts requests. Sampled requests speculate too: their draws must follow the
+model's distribution, seeded ones must repeat whatever the batch and the prefill chunking
+(without speculation as well), and greedy requests beside them must stay exact.
 """
 
 from __future__ import annotations
@@ -60,14 +62,13 @@ def scenarios(model: Path) -> dict[str, Scenario]:
     tokenizer = AutoTokenizer.from_pretrained(model)
     chat = [[{"role": "user", "content": p}] for p in HELDOUT[:16]]
     long_text = " ".join(HELDOUT[16:40])
+    long_chat = [{"role": "user", "content": "Summarise: " + long_text}]
     filler = tokenizer(" ".join(HELDOUT) * 2)["input_ids"]
     return {
         "batch16": Scenario(chat, GREEDY),
         "batch4": Scenario(chat[:4], GREEDY),
         "batch1": Scenario(chat[4:6], GREEDY, one_at_a_time=True),
-        "short_and_long": Scenario(
-            [chat[6], [{"role": "user", "content": "Summarise: " + long_text}], chat[7]], GREEDY
-        ),
+        "short_and_long": Scenario([chat[6], long_chat, chat[7]], GREEDY),
         "stop_strings": Scenario(
             chat[8:12], SamplingParams(temperature=0.0, max_tokens=60, stop=[".", "\n\n"])
         ),
@@ -81,6 +82,39 @@ def scenarios(model: Path) -> dict[str, Scenario]:
         ),
         # Many draws of one prompt: tokens after the first come from tree steps.
         "sampled": Scenario([chat[0]] * NUM_SAMPLES, SamplingParams(temperature=1.0, max_tokens=4)),
+        "sampled_top_p": Scenario(
+            [chat[1]] * NUM_SAMPLES, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4)
+        ),
+        # Greedy, sampled (penalties, logit bias, min_tokens, min_p) and grammar-constrained
+        # requests in one batch, with logprobs and prompt logprobs on the greedy one.
+        "mixed": Scenario(
+            chat[:4],
+            [
+                SamplingParams(temperature=0.0, max_tokens=40, logprobs=3, prompt_logprobs=2),
+                SamplingParams(
+                    temperature=0.8,
+                    max_tokens=40,
+                    repetition_penalty=1.2,
+                    presence_penalty=0.3,
+                    frequency_penalty=0.2,
+                    logit_bias={13: -2.0},
+                    min_tokens=10,
+                    min_p=0.05,
+                ),
+                STRUCTURED,
+                GREEDY,
+            ],
+        ),
+        # A seeded request whose long prompt is prefilled in chunks, beside other requests;
+        # then the same request alone, and n > 1 with a seed.
+        "seeded": Scenario(
+            [long_chat, chat[2], chat[3]],
+            [SEEDED, SamplingParams(temperature=1.0, max_tokens=24, seed=5), GREEDY],
+        ),
+        "seeded_alone": Scenario([long_chat], SEEDED),
+        "seeded_n3": Scenario(
+            [chat[5]], SamplingParams(n=3, temperature=0.8, max_tokens=24, seed=9)
+        ),
         # Ends at max_model_len: the tree must be cut to the room that is left.
         "near_max_model_len": Scenario(
             [TokensPrompt(prompt_token_ids=filler[: MAX_MODEL_LEN - k]) for k in (3, 9, 17)],
@@ -96,6 +130,8 @@ def structured(**grammar) -> SamplingParams:
 
 
 STRUCTURED = structured(json=ANSWER_SCHEMA)
+SEEDED = SamplingParams(temperature=1.0, max_tokens=32, seed=1234)
+SAMPLED_ONLY = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=32)
 
 
 @dataclass
@@ -105,19 +141,35 @@ class Run:
     preemptions: float
     prefix_cache_hits: float
     structured_drafts: float  # drafts verified for grammar-constrained requests
+    sampled_stats: SpecDecodeStats  # counters moved by sampled requests alone
+    choices: dict[str, list[list[list[int]]]]  # every choice's tokens, per request (n > 1)
+    logprobs: dict[str, list]  # per request: (sample logprobs, prompt logprobs)
 
 
-def run(llm: LLM, cases: dict[str, Scenario]) -> dict[str, list]:
+def run(llm: LLM, cases: dict[str, Scenario], results: dict[str, list] | None = None):
+    """First choice (tokens, text, finish reason) per request and scenario; every request's
+    whole output in `results` if given."""
     outputs = {}
     for name, case in cases.items():
         generate = llm.generate if isinstance(case.prompts[0], dict) else llm.chat
         batches = [[p] for p in case.prompts] if case.one_at_a_time else [case.prompts]
-        results = [o for batch in batches for o in generate(batch, case.params, use_tqdm=False)]
+        done = [o for batch in batches for o in generate(batch, case.params, use_tqdm=False)]
         outputs[name] = [
             (list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason)
-            for o in results
+            for o in done
         ]
+        if results is not None:
+            results[name] = done
     return outputs
+
+
+def logprob_values(logprobs) -> list[dict[int, float]] | None:
+    if logprobs is None:
+        return None
+    return [
+        {token: lp.logprob for token, lp in position.items()} if position else None
+        for position in logprobs
+    ]
 
 
 def counter(llm: LLM, name: str) -> float:
@@ -130,19 +182,34 @@ def run_engine(model: Path, tree: str | None, speculate: bool = True) -> Run:
         llm = LLM(model=str(model), speculative_config=spec, **ENGINE)
     try:
         cases = scenarios(model)
-        outputs = run(llm, cases)
+        results: dict[str, list] = {}
+        outputs = run(llm, cases, results)
         # The same prompts again: now served from the prefix cache.
-        repeated = run(llm, {"batch4": cases["batch4"], "short_and_long": cases["short_and_long"]})
+        again = {k: cases[k] for k in ("batch4", "short_and_long", "seeded", "seeded_n3")}
+        repeated_results: dict[str, list] = {}
+        repeated = run(llm, again, repeated_results)
         outputs.update({f"{k}_cached": v for k, v in repeated.items()})
+        results.update({f"{k}_cached": v for k, v in repeated_results.items()})
         stats = spec_decode_stats(llm)
         # Grammar-constrained requests alone: how many drafts did they get?
         run(llm, {"structured_only": Scenario(cases["structured"].prompts[:2], STRUCTURED)})
+        before = spec_decode_stats(llm)
+        run(llm, {"sampled_only": Scenario(cases["batch4"].prompts, SAMPLED_ONLY)})
         return Run(
             outputs,
             stats,
             counter(llm, "vllm:num_preemptions"),
             counter(llm, "vllm:prefix_cache_hits"),
-            spec_decode_stats(llm).num_drafts - stats.num_drafts,
+            before.num_drafts - stats.num_drafts,
+            spec_decode_stats(llm).minus(before),
+            {k: [[list(c.token_ids) for c in o.outputs] for o in v] for k, v in results.items()},
+            {
+                k: [
+                    (logprob_values(o.outputs[0].logprobs), logprob_values(o.prompt_logprobs))
+                    for o in v
+                ]
+                for k, v in results.items()
+            },
         )
     finally:
         shutdown(llm)
@@ -176,11 +243,12 @@ def bucketed_distance(a: list[int], b: list[int], buckets: int = 5) -> float:
     return 0.5 * sum(abs(x - y) for x, y in zip(shares(a), shares(b), strict=True))
 
 
+@pytest.mark.parametrize("scenario", ["sampled", "sampled_top_p"])
 @pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
-def test_sampled_requests_keep_the_models_distribution(reference, speculative, request):
+def test_sampled_requests_keep_the_models_distribution(reference, speculative, scenario, request):
     """Draws with Medusa follow the same distribution as draws without speculation."""
-    drawn = [tokens for tokens, _, _ in request.getfixturevalue(speculative).outputs["sampled"]]
-    expected = [tokens for tokens, _, _ in reference.outputs["sampled"]]
+    drawn = [tokens for tokens, _, _ in request.getfixturevalue(speculative).outputs[scenario]]
+    expected = [tokens for tokens, _, _ in reference.outputs[scenario]]
     for position in (1, 2, 3):
         at_tree = [t[position] for t in drawn if len(t) > position]
         at_reference = [t[position] for t in expected if len(t) > position]
@@ -210,6 +278,47 @@ SCENARIOS = [
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_tree_greedy_output_identical_to_no_speculation(reference, tree_run, scenario):
     assert tree_run.outputs[scenario] == reference.outputs[scenario]
+
+
+@pytest.mark.parametrize("engine", ["reference", "tree_run", "chain_run"])
+def test_seeded_requests_repeat_whatever_the_batch_and_chunking(engine, request):
+    """The same seed gives the same text on every run, alone or beside other requests, with a
+    prompt prefilled in chunks; with and without speculation (the engine must not stop)."""
+    result = request.getfixturevalue(engine)
+    seeded, again = result.outputs["seeded"], result.outputs["seeded_cached"]
+    assert seeded[0] == again[0] == result.outputs["seeded_alone"][0]
+    assert seeded[1] == again[1]
+    choices = result.choices["seeded_n3"][0]
+    assert choices == result.choices["seeded_n3_cached"][0]
+    assert len(choices) == 3 and len({tuple(c) for c in choices}) > 1
+
+
+@pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
+def test_mixed_batch_keeps_greedy_exact_and_sampled_settings(reference, speculative, request):
+    """Greedy (with logprobs), sampled (penalties, logit bias, min_tokens) and grammar requests
+    in one batch: the greedy and grammar ones equal no speculation, logprobs included."""
+    result = request.getfixturevalue(speculative)
+    mixed, expected = result.outputs["mixed"], reference.outputs["mixed"]
+    for i in (0, 2, 3):
+        assert mixed[i] == expected[i], i
+    (sample_lps, prompt_lps), (ref_sample_lps, ref_prompt_lps) = (
+        result.logprobs["mixed"][0],
+        reference.logprobs["mixed"][0],
+    )
+    assert len(sample_lps) == len(mixed[0][0]) and len(prompt_lps) == len(ref_prompt_lps)
+    for got, want in zip(
+        sample_lps + prompt_lps[1:], ref_sample_lps + ref_prompt_lps[1:], strict=True
+    ):
+        assert got.keys() == want.keys()
+        assert [got[t] for t in want] == pytest.approx([want[t] for t in want], abs=1e-3)
+    assert len(mixed[1][0]) >= 10  # min_tokens
+
+
+@pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
+def test_sampled_requests_accept_drafts(speculative, request):
+    stats = request.getfixturevalue(speculative).sampled_stats
+    assert stats.num_drafts > 0
+    assert stats.num_accepted_tokens > 0.05 * stats.num_drafts, stats.as_dict()
 
 
 def test_hard_cases_were_exercised(reference, tree_run):

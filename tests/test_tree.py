@@ -1,5 +1,5 @@
 """Medusa trees and their verification pieces, without an engine: tree buffers against
-hand-worked trees, every named tree's structure, settings errors, path choice, KV moves and
+hand-worked trees, every named tree's structure, settings errors, KV copies and
 tree attention against a brute-force reference over a cache written by vLLM's own kernel."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from vllm_medusa.tree_attention import (
     attend_trees,
     kv_layout,
 )
-from vllm_medusa.verify import accepted_nodes, chain_view, choose_paths, copy_kv_slots, kv_moves
+from vllm_medusa.verify import copy_kv_slots
 
 # Given out of order on purpose: nodes are numbered breadth-first, then by path.
 SMALL = [[1], [0, 1], [0], [1, 0], [0, 0]]
@@ -160,40 +160,6 @@ def test_tree_setting_is_scoped(monkeypatch):
     with tree_setting(None):
         assert configured_tree([[0], [1]]).num_nodes == 2  # the heads' own setting
     assert configured_tree(None).name == "chain:2"
-
-
-def test_path_follows_the_targets_best_child_and_stops_at_leaves():
-    tree = build_tree(SMALL)
-    vocab = 8
-    draft = torch.tensor([3, 4, 5, 6, 7])  # tokens of nodes 1..5
-    logits = torch.zeros(2 * (tree.num_nodes + 1), vocab)
-    # Request 0: at the root token 4 (node 2) beats 3 (node 1); at node 2 its only child.
-    logits[0, 4] = 5.0
-    logits[0, 3] = 1.0
-    # Request 1: only 3 drafts scheduled (nodes 1-3); root prefers node 1, then node 3.
-    logits[6, 3] = 2.0
-    logits[7, 5] = 1.0
-    logits[7, 6] = 9.0  # node 4's token, but node 4 was not scheduled
-    paths = choose_paths(tree, logits[:6].clone(), [5], draft)
-    assert paths == [[2, 5]]
-    both = torch.cat([logits[:6], logits[6:10]])
-    paths = choose_paths(tree, both, [5, 3], torch.cat([draft, draft[:3]]))
-    assert paths == [[2, 5], [1, 3]]
-    view = chain_view(paths, torch.cat([draft, draft[:3]]), [5, 3])
-    assert view.rows.tolist() == [0, 2, 5, 6, 7, 9]
-    assert view.draft_token_ids.tolist() == [4, 7, 3, 5]
-    assert view.num_draft_tokens == [2, 2]
-    assert choose_paths(tree, logits[:1], [0], draft[:0]) == [[]]
-
-
-def test_accepted_nodes_and_kv_moves():
-    assert accepted_nodes([[2, 5], [1, 3], []], [3, 1, 1]) == [[2, 5], [], []]
-    slot_mapping = torch.arange(100, 120)
-    # Request 0's root is token 0: node 2 moves to position 1, node 5 to position 2.
-    # Request 1's root is token 6: nodes 1 and 3 -> positions 1 and 2 (node 1 stays).
-    src, dst = kv_moves([[2, 5], [1, 3]], [0, 6], slot_mapping)
-    assert src.tolist() == [102, 105, 109]
-    assert dst.tolist() == [101, 102, 108]
 
 
 def _write_kv(kv_cache, key, value, slots, isa="vec"):

@@ -15,7 +15,13 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
 from vllm_medusa.model import MedusaHeads
-from vllm_medusa.tree import MedusaTree, build_tree, chain_paths, tree_of_heads
+from vllm_medusa.tree import (
+    MedusaTree,
+    build_tree,
+    chain_paths,
+    tree_of_heads,
+    verified_by_plugin,
+)
 
 # Under "vllm." so that vLLM's logging configuration shows it.
 logger = init_logger(f"vllm.{__name__}")
@@ -24,12 +30,12 @@ logger = init_logger(f"vllm.{__name__}")
 class MedusaProposer(VllmMedusaProposer):
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config=vllm_config, device=device)
-        self.tree: MedusaTree | None = tree_of_heads(self.spec_config.draft_model_config.hf_config)
-        # What the runner verifies itself: the tree; on the CPU also a chain, as a tree with
-        # one path, so that sampled requests skip vLLM's CPU rejection sampler (see
-        # patches/model_runner). Elsewhere chains stay vLLM's.
+        heads = self.spec_config.draft_model_config.hf_config
+        self.tree: MedusaTree | None = tree_of_heads(heads)
+        # What the runner verifies itself (patches/model_runner): the tree, or a chain as a
+        # tree with one path.
         self.verified_tree: MedusaTree | None = self.tree
-        if self.tree is None and torch.device(device).type == "cpu":
+        if self.tree is None and verified_by_plugin(heads, torch.device(device).type):
             self.verified_tree = build_tree(
                 chain_paths(self.num_speculative_tokens),
                 name=f"chain:{self.num_speculative_tokens}",

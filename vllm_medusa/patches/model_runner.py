@@ -12,18 +12,27 @@ calls straight through to vLLM's.
 - `_prepare_inputs`: a tree's drafts are scheduled as a flat list, so vLLM gives node j the
   position context + j. That stays the KV slot; the model's position (RoPE) becomes
   context + depth(j), and the step's tree requests are published for the attention backend.
-- `_sample`: the path through each tree is chosen and verified as a chain by vLLM's rejection
-  sampler (`vllm_medusa.verify`); the accepted nodes' keys and values are then moved to the
-  slots the next step reads. On the CPU a chain goes through the same code as a one-path
-  tree, so that sampled requests are handled alike: they verify no drafts.
+- `_sample`: each request walks its tree, drawing the target's token level by level with
+  vLLM's own `Sampler` (`vllm_medusa.verify`), greedy and sampled requests alike; the
+  accepted nodes' keys and values are then moved to the slots the next step reads. On the CPU
+  a chain goes through the same walk as a one-path tree, and never through vLLM's CPU
+  rejection kernels.
 - `propose_draft_token_ids`: the heads read the hidden state of each request's last accepted
   node, not the chain's last position.
 - `execute_model`: the published tree step never outlives the forward that uses it.
+
+Seeded requests on the CPU (with or without speculation): vLLM samples every request of a
+step and throws away the token of a prefill chunk that does not end its prompt, then rewinds
+that request's generator with `set_offset`, which CPU generators refuse, stopping the engine.
+`_sample` restores those generators' states itself and `_bookkeeping_sync` keeps them out of
+vLLM's rewind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,12 +46,14 @@ from vllm_medusa.tree_attention import (
     kv_layout,
     set_tree_step,
 )
+from vllm_medusa.typical import Typical, engine_typical, request_typical, typical_nodes
 from vllm_medusa.verify import (
-    accepted_nodes,
-    chain_view,
-    choose_paths,
     copy_kv_slots,
     kv_moves,
+    level_sampler,
+    processed_logprobs,
+    stack_logprobs,
+    walk_trees,
 )
 
 _PATCHED_ATTR = "_vllm_medusa_patched"
@@ -56,14 +67,6 @@ def _tree(runner: Any) -> MedusaTree | None:
 def _verified_tree(runner: Any) -> MedusaTree | None:
     """The tree `_sample` verifies: the drafter's tree, or its chain as a one-path tree."""
     return getattr(getattr(runner, "drafter", None), "verified_tree", None)
-
-
-def _greedy_requests(sampling_metadata: Any, num_reqs: int) -> list[bool]:
-    if sampling_metadata.all_greedy:
-        return [True] * num_reqs
-    if sampling_metadata.all_random:
-        return [False] * num_reqs
-    return (sampling_metadata.temperature[:num_reqs] == 0).tolist()
 
 
 def _publish_tree_step(runner: Any, tree: MedusaTree, num_draft_tokens: list[int]) -> None:
@@ -90,62 +93,118 @@ def _publish_tree_step(runner: Any, tree: MedusaTree, num_draft_tokens: list[int
     set_tree_step(TreeStep(sequences) if sequences else None)
 
 
-def _chain_metadata(num_draft_tokens: list[int], draft_token_ids: torch.Tensor, rows: torch.Tensor):
-    """vLLM's SpecDecodeMetadata for chains of these lengths over logits rows laid out as
-    [root, draft 1, ..., draft k] per request."""
-    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
-
-    num_drafts = np.asarray(num_draft_tokens, dtype=np.int32)
-    cu_sampled = np.cumsum(num_drafts + 1, dtype=np.int32)
-    sampled_starts = cu_sampled - (num_drafts + 1)
-    pairs = zip(sampled_starts, num_drafts, strict=True)
-    target = np.concatenate([start + np.arange(n) for start, n in pairs])
-    return SpecDecodeMetadata(
-        draft_token_ids=draft_token_ids,
-        num_draft_tokens=num_drafts.tolist(),
-        cu_num_draft_tokens=torch.from_numpy(np.cumsum(num_drafts, dtype=np.int32)),
-        cu_num_sampled_tokens=torch.from_numpy(cu_sampled),
-        target_logits_indices=torch.from_numpy(target.astype(np.int32)),
-        bonus_logits_indices=torch.from_numpy(cu_sampled - 1),
-        logits_indices=rows.to(torch.int32),
+def _draft_limits(sampling_metadata: Any, num_drafts: list[int]) -> list[int]:
+    """Per request: how many drafts it may accept while every draw stays exactly what vLLM's
+    sampler would draw at that position (see `vllm_medusa.verify`)."""
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinPLogitsProcessor,
+        MinTokensLogitsProcessor,
     )
+
+    processors = sampling_metadata.logitsprocs
+    known = (LogitBiasLogitsProcessor, MinPLogitsProcessor, MinTokensLogitsProcessor)
+    budget = sampling_metadata.thinking_budget_state_holder
+    # Other processors and thinking budgets may depend on the position in ways the sampler's
+    # speculative tokens do not show: those batches verify no drafts.
+    if any(not isinstance(p, known) for p in processors.all) or (
+        budget is not None and budget.has_tracked_requests()
+    ):
+        return [0] * len(num_drafts)
+    limits = list(num_drafts)
+    for processor in processors.non_argmax_invariant:
+        if not isinstance(processor, MinTokensLogitsProcessor):
+            continue
+        # Stop tokens are masked at every level of this step: only draws before the
+        # min_tokens-th output token are exact, so the walk may accept one fewer.
+        for index, (min_tokens, output, _, _) in processor.min_toks.items():
+            if index < len(limits):
+                limits[index] = min(limits[index], max(min_tokens - len(output) - 1, 0))
+    return limits
 
 
 def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metadata: Any):
-    from dataclasses import replace
-
-    from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
+    from vllm.v1.outputs import SamplerOutput
 
     num_drafts = spec_metadata.num_draft_tokens
     sampling_metadata = runner.input_batch.sampling_metadata
-    paths = choose_paths(tree, logits, num_drafts, spec_metadata.draft_token_ids)
-    # Sampled requests verify no drafts: each step samples one token from the target alone.
-    # vLLM 0.32's rejection sampler, on the CPU, accepted their drafts far more often than
-    # the target's probability of them (chain and tree alike).
-    greedy = _greedy_requests(sampling_metadata, len(num_drafts))
-    paths = [path if is_greedy else [] for path, is_greedy in zip(paths, greedy, strict=True)]
-    view = chain_view(paths, spec_metadata.draft_token_ids, num_drafts)
-    if sampling_metadata.spec_token_ids is not None:
-        # Penalties and bad words read the drafts: they must see the chain being verified.
-        tokens = view.draft_token_ids.tolist()
-        ends = np.cumsum(view.num_draft_tokens)
-        chains = [tokens[end - n : end] for n, end in zip(view.num_draft_tokens, ends, strict=True)]
-        sampling_metadata = replace(sampling_metadata, spec_token_ids=chains)
-    output = runner.rejection_sampler(
-        _chain_metadata(view.num_draft_tokens, view.draft_token_ids, view.rows),
-        None,  # Medusa drafts are argmax/top-k picks: verified as one-hot proposals
-        logits[view.rows],
-        sampling_metadata,
+    limits = _draft_limits(sampling_metadata, num_drafts)
+    typical = _typical_requests(runner, len(num_drafts))
+    for r in typical:
+        limits[r] = 0  # walked below instead
+    walk = walk_trees(
+        level_sampler(runner.sampler, sampling_metadata),
+        tree,
+        logits,
+        num_drafts,
+        spec_metadata.draft_token_ids,
+        max_accepted=limits,
     )
-    emitted = (output.sampled_token_ids != PLACEHOLDER_TOKEN_ID).sum(dim=1).tolist()
-    accepted = accepted_nodes(paths, emitted)
-    runner._medusa_last_nodes = [nodes[-1] if nodes else 0 for nodes in accepted]
+    if typical:
+        _walk_typical(runner, walk, tree, logits, num_drafts, spec_metadata, typical)
+    width = max(num_drafts) + 1
+    runner._medusa_last_nodes = walk.last_nodes
     token_starts = runner.query_start_loc.np[: len(num_drafts)].tolist()
     slot_mapping = runner.input_batch.block_table[0].slot_mapping.cpu
-    src, dst = kv_moves(accepted, token_starts, slot_mapping)
+    src, dst = kv_moves(walk.nodes, token_starts, slot_mapping)
     if src.numel():  # chains, and paths that are their tree's first branch, move nothing
         copy_kv_slots(_kv_caches(runner), src, dst)
-    return output
+    return SamplerOutput(
+        sampled_token_ids=walk.sampled_token_ids(width),
+        logprobs_tensors=stack_logprobs(walk.level_logprobs, width),
+    )
+
+
+def _typical_requests(runner: Any, num_reqs: int) -> dict[int, Typical]:
+    """Batch index -> setting, for the sampled requests verified by typical acceptance.
+    Requests asking for logprobs stay exact: typical acceptance returns none."""
+    if not hasattr(runner, "_medusa_typical"):
+        runner._medusa_typical = engine_typical()
+    typical = {}
+    for index, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+        params = runner.requests[req_id].sampling_params
+        if params is None or params.temperature < 1e-5 or params.logprobs is not None:
+            continue
+        setting = request_typical(params.extra_args, runner._medusa_typical)
+        if setting is not None:
+            typical[index] = setting
+    return typical
+
+
+def _walk_typical(
+    runner: Any,
+    walk: Any,
+    tree: MedusaTree,
+    logits: torch.Tensor,  # [sum(n_i + 1), vocab]
+    num_drafts: list[int],
+    spec_metadata: Any,
+    typical: dict[int, Typical],
+) -> None:
+    """Replace the walks of `typical`'s requests with their typical-acceptance paths, each
+    followed by a draw from the target at the path's end."""
+    sampling_metadata = runner.input_batch.sampling_metadata
+    compute = processed_logprobs(runner.sampler, sampling_metadata)
+    starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts) + 1)))[:-1]
+    drafts = spec_metadata.draft_token_ids.tolist()
+    # Each request's draft tokens: its rows start at s, its drafts at s - r.
+    spans = enumerate(zip(starts, num_drafts, strict=True))
+    tokens = [drafts[s - r : s - r + n] for r, (s, n) in spans]
+    per_node = []  # per node j: [R, vocab], each request's distribution after its node j
+    for node in range(max(num_drafts[r] for r in typical) + 1):
+        rows = [s + (node if node <= n else 0) for s, n in zip(starts, num_drafts, strict=True)]
+        paths = [
+            [t[a - 1] for a in tree.ancestry(node)] if node <= n else []
+            for t, n in zip(tokens, num_drafts, strict=True)
+        ]
+        per_node.append(compute(logits[torch.tensor(rows)], paths))
+    for r, setting in typical.items():
+        logprobs = torch.stack([lp[r] for lp in per_node[: num_drafts[r] + 1]])
+        nodes = typical_nodes(tree, logprobs, tokens[r], setting)
+        end = nodes[-1] if nodes else 0
+        generator = sampling_metadata.generators.get(r)
+        drawn = int(torch.multinomial(logprobs[end].exp(), 1, generator=generator))
+        walk.nodes[r] = nodes
+        walk.tokens[r] = [tokens[r][n - 1] for n in nodes] + [drawn]
 
 
 def _kv_caches(runner: Any) -> list[tuple[torch.Tensor, KVLayout]]:
@@ -159,6 +218,28 @@ def _kv_caches(runner: Any) -> list[tuple[torch.Tensor, KVLayout]]:
         _, _, block_size, two_head = kv.shape
         caches.append((kv, kv_layout(context.isa, block_size, two_head // 2, kv.dtype)))
     return caches
+
+
+def _discarded_cpu_generators(runner: Any) -> list[int]:
+    """Batch indices of seeded requests on CPU generators whose sampled token this step is
+    thrown away (a prefill chunk that does not end the prompt)."""
+    num_reqs = runner.input_batch.num_reqs
+    discarded = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0].tolist()
+    generators = runner.input_batch.generators
+    return [i for i in discarded if i in generators and generators[i].device.type == "cpu"]
+
+
+@contextlib.contextmanager
+def _discarded_draws_undone(runner: Any) -> Iterator[None]:
+    """Put the generators of discarded requests back as they were before sampling, so a seeded
+    request draws the same numbers whether or not its prefill was chunked."""
+    generators = runner.input_batch.generators
+    saved = {i: generators[i].get_state() for i in _discarded_cpu_generators(runner)}
+    try:
+        yield
+    finally:
+        for i, state in saved.items():
+            generators[i].set_state(state)
 
 
 def _propose_tree(runner: Any, arguments: dict[str, Any]) -> torch.Tensor:
@@ -180,6 +261,7 @@ def _patch_runner(runner_cls: type) -> None:
 
     prepare_inputs = runner_cls._prepare_inputs
     sample = runner_cls._sample
+    bookkeeping_sync = runner_cls._bookkeeping_sync
     propose = runner_cls.propose_draft_token_ids
     execute_model = runner_cls.execute_model
     propose_signature = inspect.signature(propose)
@@ -194,11 +276,24 @@ def _patch_runner(runner_cls: type) -> None:
 
     @functools.wraps(sample)
     def _sample_with_tree(self, logits, spec_decode_metadata):
-        tree = _verified_tree(self)
-        if tree is None or spec_decode_metadata is None:
-            return sample(self, logits, spec_decode_metadata)
-        self.input_batch.update_async_output_token_ids()
-        return _sample_tree(self, tree, logits, spec_decode_metadata)
+        with _discarded_draws_undone(self):
+            tree = _verified_tree(self)
+            if tree is None or spec_decode_metadata is None:
+                return sample(self, logits, spec_decode_metadata)
+            self.input_batch.update_async_output_token_ids()
+            return _sample_tree(self, tree, logits, spec_decode_metadata)
+
+    @functools.wraps(bookkeeping_sync)
+    def _bookkeeping_sync_on_cpu(self, *args, **kwargs):
+        # vLLM rewinds a discarded request's generator by its Philox offset, which a CPU
+        # generator does not have ("CPU Generator does not use offset"); `_sample` has already
+        # restored those generators, so they sit out vLLM's rewind.
+        generators = self.input_batch.generators
+        held = {i: generators.pop(i) for i in _discarded_cpu_generators(self)}
+        try:
+            return bookkeeping_sync(self, *args, **kwargs)
+        finally:
+            generators.update(held)
 
     @functools.wraps(propose)
     def propose_with_tree(self, *args, **kwargs):
@@ -221,6 +316,7 @@ def _patch_runner(runner_cls: type) -> None:
 
     runner_cls._prepare_inputs = _prepare_inputs_with_tree
     runner_cls._sample = _sample_with_tree
+    runner_cls._bookkeeping_sync = _bookkeeping_sync_on_cpu
     runner_cls.propose_draft_token_ids = propose_with_tree
     runner_cls.execute_model = execute_model_with_tree
     setattr(runner_cls, _PATCHED_ATTR, True)
