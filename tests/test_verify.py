@@ -32,6 +32,7 @@ from vllm_medusa.verify import (
     PLACEHOLDER_TOKEN_ID,
     kv_moves,
     level_sampler,
+    processed_logprobs,
     stack_logprobs,
     walk_trees,
 )
@@ -291,6 +292,18 @@ def first_child_sampler(meta, tree, drafts):
         return drawn, logprobs
 
     return sample
+
+
+def test_processed_logprobs_are_the_samplers_law():
+    """The distribution typical acceptance reads is the one the exact test checks against."""
+    model = toy()
+    prefixes = [(), (3,), (3, 1)]
+    meta = metadata(3, VOCAB, TEMPERATURE, TOP_P, PENALTIES, PROMPT, outputs=[[], [3], [3]])
+    logits = torch.stack([model.logits(p) for p in prefixes])
+    # Request 2 has emitted 3 and is walking a path that has accepted 1.
+    got = processed_logprobs(Sampler(), meta)(logits, [[], [], [1]]).exp()
+    for row, prefix in enumerate(prefixes):
+        torch.testing.assert_close(got[row].double(), reference_probs(logits[row], list(prefix)))
 
 
 def typical_step(model: Toy, tree, prefixes: list[tuple[int, ...]]) -> list[list[int]]:

@@ -1,17 +1,21 @@
-"""`vllm-medusa bench`: greedy tokens/s and acceptance length, with and without Medusa.
+"""`vllm-medusa bench`: tokens/s and acceptance length, with and without Medusa.
 
 Engines on the same prompts: no speculation, vLLM's built-in Medusa (this plugin disabled
 through `VLLM_PLUGINS`), this plugin with a chain of k heads, and this plugin with a tree
 (`--tree`), each in its own process so that one engine's plugin state or memory never
 touches another's. Batch size b means b requests in flight: the prompts go in groups of b,
 one group after another (b=1: one prompt at a time). `--spec-schedule` hands the plugin's
-engines vLLM's `num_speculative_tokens_per_batch_size`. Every run's outputs are compared
-with the no-speculation outputs.
+engines vLLM's `num_speculative_tokens_per_batch_size`. Greedy runs' outputs are compared with the
+no-speculation outputs. Sampled runs (`--temperatures 0.7 1.0`, with `--top-p`) are reported
+apart from greedy ones, with the target's mean log-probability of the sampled tokens: the same
+as without speculation (within sampling noise) when verification is exact; typical acceptance
+(`plugin-chain-typical`, `plugin-tree-typical`, not run by default) raises it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -24,8 +28,11 @@ from pathlib import Path
 from vllm_medusa.default_model import default_model_path
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.tree import TREE_ENV
+from vllm_medusa.typical import TYPICAL_ENV
 
-CONFIGS = ("none", "vllm-medusa-builtin", "plugin-chain", "plugin-tree")
+DEFAULT_CONFIGS = ("none", "vllm-medusa-builtin", "plugin-chain", "plugin-tree")
+# Typical acceptance (not exact) on the plugin's chain and tree: VLLM_MEDUSA_TYPICAL=1.
+CONFIGS = (*DEFAULT_CONFIGS, "plugin-chain-typical", "plugin-tree-typical")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -44,13 +51,17 @@ def _worker(args: argparse.Namespace) -> int:
     llm = LLM(
         model=args.model,
         speculative_config=spec,
-        **engine_kwargs(max_num_seqs=max(args.batch_sizes)),
+        **engine_kwargs(max_num_seqs=max(args.batch_sizes), dtype=args.dtype),
     )
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=False)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     llm.chat(conversations[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     runs = []
-    for batch in args.batch_sizes:
+    for temperature, batch in itertools.product(args.temperatures, args.batch_sizes):
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=args.top_p if temperature else 1.0,
+            max_tokens=args.max_tokens,
+        )
         for run in range(args.runs):
             before = spec_decode_stats(llm) if spec else None
             start = time.perf_counter()
@@ -61,17 +72,21 @@ def _worker(args: argparse.Namespace) -> int:
             seconds = time.perf_counter() - start
             tokens = [list(o.outputs[0].token_ids) for o in outputs]
             record = {
+                "temperature": temperature,
                 "batch": batch,
                 "run": run,
                 "seconds": seconds,
                 "tokens": sum(len(t) for t in tokens),
                 "token_ids": tokens,
             }
+            if temperature:
+                record["logprob_sum"] = _target_logprob_sum(llm, outputs)
             if spec:
                 record["spec"] = spec_decode_stats(llm).minus(before).as_dict()
             runs.append(record)
             print(
-                f"[{args.config}] batch {batch} run {run}: {record['tokens'] / seconds:.1f} tok/s",
+                f"[{args.config}] temperature {temperature} batch {batch} run {run}: "
+                f"{record['tokens'] / seconds:.1f} tok/s",
                 file=sys.stderr,
             )
     shutdown(llm)
@@ -79,53 +94,85 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summarise(raw: dict[str, list[dict]], batch_sizes: list[int]) -> list[dict]:
+def _target_logprob_sum(llm, outputs) -> float:
+    """The target's total log-probability of the generated tokens (temperature 1, no top-p),
+    scored afterwards as prompt logprobs of prompt + answer, outside the timed run."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [
+        TokensPrompt(prompt_token_ids=o.prompt_token_ids + list(o.outputs[0].token_ids))
+        for o in outputs
+    ]
+    scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    total = 0.0
+    for output, score in zip(outputs, scored, strict=True):
+        start = len(output.prompt_token_ids)
+        tokens = score.prompt_token_ids[start:]
+        total += sum(
+            lp[t].logprob for t, lp in zip(tokens, score.prompt_logprobs[start:], strict=True)
+        )
+    return total
+
+
+def _summarise(
+    raw: dict[str, list[dict]], temperatures: list[float], batch_sizes: list[int]
+) -> list[dict]:
     rows = []
-    reference = {(r["batch"], r["run"]): r["token_ids"] for r in raw.get("none", [])}
-    baseline: dict[int, float] = {}
-    for config in CONFIGS:
+    reference = {
+        (r["temperature"], r["batch"], r["run"]): r["token_ids"] for r in raw.get("none", [])
+    }
+    baseline: dict[tuple[float, int], float] = {}
+    for temperature, config, batch in itertools.product(temperatures, CONFIGS, batch_sizes):
         if config not in raw:
             continue
-        for batch in batch_sizes:
-            runs = [r for r in raw[config] if r["batch"] == batch]
-            rates = [r["tokens"] / r["seconds"] for r in runs]
-            median = statistics.median(rates)
-            if config == "none":
-                baseline[batch] = median
-            row = {
-                "config": config,
-                "batch": batch,
-                "runs": len(runs),
-                "tok_s_median": round(median, 2),
-                "tok_s_min": round(min(rates), 2),
-                "tok_s_max": round(max(rates), 2),
-                "speedup": round(median / baseline[batch], 3) if batch in baseline else None,
-                "identical_to_none": all(
-                    r["token_ids"] == reference.get((r["batch"], r["run"])) for r in runs
-                )
-                if reference
-                else None,
-            }
-            if runs and "spec" in runs[0]:
-                drafts = sum(r["spec"]["num_drafts"] for r in runs)
-                accepted = sum(r["spec"]["num_accepted_tokens"] for r in runs)
-                row["mean_acceptance_length"] = round(1 + accepted / drafts, 3) if drafts else 0
-            rows.append(row)
+        key = (temperature, batch)
+        runs = [r for r in raw[config] if (r["temperature"], r["batch"]) == key]
+        rates = [r["tokens"] / r["seconds"] for r in runs]
+        median = statistics.median(rates)
+        if config == "none":
+            baseline[key] = median
+        row = {
+            "config": config,
+            "temperature": temperature,
+            "batch": batch,
+            "runs": len(runs),
+            "tok_s_median": round(median, 2),
+            "tok_s_min": round(min(rates), 2),
+            "tok_s_max": round(max(rates), 2),
+            "speedup": round(median / baseline[key], 3) if key in baseline else None,
+            # Sampled outputs differ from run to run: only greedy ones are compared.
+            "identical_to_none": all(
+                r["token_ids"] == reference.get((temperature, batch, r["run"])) for r in runs
+            )
+            if reference and not temperature
+            else None,
+        }
+        if temperature:
+            tokens = sum(r["tokens"] for r in runs)
+            row["mean_logprob"] = round(sum(r["logprob_sum"] for r in runs) / tokens, 3)
+        if runs and "spec" in runs[0]:
+            drafts = sum(r["spec"]["num_drafts"] for r in runs)
+            accepted = sum(r["spec"]["num_accepted_tokens"] for r in runs)
+            row["mean_acceptance_length"] = round(1 + accepted / drafts, 3) if drafts else 0
+        rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| config | batch | tok/s median | min-max | speedup | accept len | identical |",
-        "|---|---|---|---|---|---|---|",
+        "| config | temperature | batch | tok/s median | min-max | speedup | accept len "
+        "| identical | mean logprob |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         identical = {None: "-", True: "yes", False: "NO"}[r["identical_to_none"]]
         lines.append(
-            f"| {r['config']} | {r['batch']} | {r['tok_s_median']:.1f} | "
+            f"| {r['config']} | {r['temperature']} | {r['batch']} | {r['tok_s_median']:.1f} | "
             f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f} | {speedup} | "
-            f"{r.get('mean_acceptance_length', '-')} | {identical} |"
+            f"{r.get('mean_acceptance_length', '-')} | {identical} | "
+            f"{r.get('mean_logprob', '-')} |"
         )
     return "\n".join(lines)
 
@@ -160,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="0: greedy; above 0: sampled, reported apart (e.g. 0 0.7 1.0)",
+    )
+    p.add_argument("--top-p", type=float, default=0.9, help="top-p of sampled runs")
+    p.add_argument("--dtype", default="float32", help="the engines' dtype (e.g. bfloat16)")
     p.add_argument("-k", type=int, default=4, help="chain length (heads used by the chains)")
     p.add_argument(
         "--tree",
@@ -173,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON [[first batch, last batch, drafts], ...] for the plugin's engines: vLLM's "
         "num_speculative_tokens_per_batch_size (drafts count tree nodes; 0: none)",
     )
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -198,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
             heads = args.heads
             env = dict(os.environ)
             env.pop(TREE_ENV, None)
+            env.pop(TYPICAL_ENV, None)
             if config == "vllm-medusa-builtin":
                 heads = _builtin_heads(args.heads, args.model, Path(tmp))
                 env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM's own Medusa
-            elif config == "plugin-chain":
+            elif config.startswith("plugin-chain"):
                 env[TREE_ENV] = f"chain:{args.k}"
-            elif config == "plugin-tree" and args.tree:
+            elif config.startswith("plugin-tree") and args.tree:
                 env[TREE_ENV] = args.tree
+            if config.endswith("-typical"):
+                env[TYPICAL_ENV] = "1"
             out = Path(tmp) / f"{config}.json"
             cmd = [
                 sys.executable,
@@ -228,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.k),
                 "--batch-sizes",
                 *map(str, args.batch_sizes),
+                "--temperatures",
+                *map(str, args.temperatures),
+                "--top-p",
+                str(args.top_p),
+                "--dtype",
+                args.dtype,
             ]
             if args.spec_schedule:
                 cmd += ["--spec-schedule", args.spec_schedule]
@@ -237,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--split", args.split]
             subprocess.run(cmd, env=env, check=True)
             raw[config] = json.loads(out.read_text())
-    rows = _summarise(raw, args.batch_sizes)
+    rows = _summarise(raw, args.temperatures, args.batch_sizes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "worker_out", "out")}
     args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")

@@ -145,21 +145,22 @@ def level_sampler(sampler: Any, sampling_metadata: Any) -> LevelSampler:
 
 def processed_logprobs(sampler: Any, sampling_metadata: Any):
     """(logits [R, vocab], path tokens per request) -> [R, vocab] log-probabilities of the
-    distribution vLLM's `Sampler` draws from after those paths (penalties, temperature, top-k,
-    top-p, min-p applied). It draws too, to no use: every seeded generator is put back."""
+    distribution vLLM's `Sampler` draws from after those paths: its own steps in its own order
+    (allowed tokens, bad words, min-tokens, logit bias, penalties; then temperature, min-p,
+    top-k and top-p), without the draw."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     def compute(logits: torch.Tensor, paths: list[list[int]]) -> torch.Tensor:
-        generators = sampling_metadata.generators
-        saved = {i: g.get_state() for i, g in generators.items()}
-        output = sampler(
-            logits=logits,
-            sampling_metadata=replace(sampling_metadata, spec_token_ids=paths, max_num_logprobs=-1),
-            predict_bonus_token=True,
-            logprobs_mode_override="processed_logprobs",
+        metadata = replace(sampling_metadata, spec_token_ids=paths)
+        logits = sampler.apply_logits_processors(
+            logits.to(torch.float32, copy=True), metadata, predict_bonus_token=True
         )
-        for i, state in saved.items():
-            generators[i].set_state(state)
-        return output.logprobs_tensors.logprobs
+        if metadata.temperature is not None:
+            logits = sampler.apply_temperature(logits, metadata.temperature, metadata.all_random)
+        for processor in metadata.logitsprocs.argmax_invariant:
+            logits = processor.apply(logits)
+        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+        return logits.log_softmax(dim=-1)
 
     return compute
 
