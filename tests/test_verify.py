@@ -106,6 +106,9 @@ def test_greedy_walk_follows_the_targets_best_child_and_stops_at_leaves():
     # No drafts: one draw from the root row.
     alone = walk_trees(sample, tree, logits[:1], [0], draft[:0])
     assert alone.tokens == [[4]] and alone.nodes == [[]]
+    # A skipped request emits nothing here (it is walked elsewhere).
+    skipped = walk_trees(sample, tree, rows, [5, 3], torch.cat([draft, draft[:3]]), skip={0})
+    assert skipped.tokens == [[], [3, 6]] and skipped.nodes == [[], [1]]
 
 
 def test_logprobs_are_laid_out_per_emitted_token():
@@ -317,7 +320,7 @@ def typical_step(model: Toy, tree, prefixes: list[tuple[int, ...]]) -> list[list
                 for node, row in enumerate(model.rows(tree, prefix, tokens))
             ]
         ).float()
-        nodes = typical_nodes(tree, logprobs, tokens, Typical())
+        nodes = typical_nodes(tree, logprobs.__getitem__, tokens, Typical())
         accepted[prefix] = [tokens[n - 1] for n in nodes]
         last[prefix] = logprobs[nodes[-1] if nodes else 0].exp()
     return [accepted[p] + [int(torch.multinomial(last[p], 1))] for p in prefixes]
@@ -352,14 +355,22 @@ def test_typical_acceptance_takes_the_longest_typical_path():
     probs[0, 3], probs[0, 4] = 0.5, 0.3  # root: nodes 1 and 2 both typical
     probs[2, 7] = 0.6  # under node 2: node 5 typical; under node 1 nothing is
     logprobs = (probs / probs.sum(-1, keepdim=True)).log()
-    # Node 1 is likelier, but node 2's branch goes deeper.
-    assert typical_nodes(tree, logprobs, tokens, Typical()) == [2, 5]
+    asked: list[int] = []
+
+    def logprobs_at(node: int) -> torch.Tensor:
+        asked.append(node)
+        return logprobs[node]
+
+    # Node 1 is likelier, but node 2's branch goes deeper; the distribution is read only at
+    # the root and the accepted nodes 1 and 2 (node 5 is a leaf).
+    assert typical_nodes(tree, logprobs_at, tokens, Typical()) == [2, 5]
+    assert sorted(set(asked)) == [0, 1, 2]
     # A strict threshold accepts nothing.
-    assert typical_nodes(tree, logprobs, tokens, Typical(epsilon=0.9, delta=3.0)) == []
+    assert typical_nodes(tree, logprobs.__getitem__, tokens, Typical(0.9, 3.0)) == []
     # Two paths as deep: the likelier wins.
     probs[1, 5] = 0.7
     logprobs = (probs / probs.sum(-1, keepdim=True)).log()
-    assert typical_nodes(tree, logprobs, tokens, Typical()) == [1, 3]
+    assert typical_nodes(tree, logprobs.__getitem__, tokens, Typical()) == [1, 3]
 
 
 def test_typical_settings():

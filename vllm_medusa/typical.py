@@ -20,8 +20,9 @@ implementation's function signature swaps the two names.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,27 +86,33 @@ def request_typical(
 
 def typical_nodes(
     tree: MedusaTree,
-    logprobs: torch.Tensor,  # [n + 1, vocab] the target's log-probabilities at the root and nodes
+    logprobs_at: Callable[[int], torch.Tensor],  # node -> [vocab] the target's log-probs there
     tokens: list[int],  # [n] the draft nodes' tokens
     setting: Typical,
 ) -> list[int]:
-    """The accepted path (draft nodes, root excluded) under typical acceptance."""
-    num_nodes = len(tokens)
-    probs = logprobs.exp()
-    entropy = -(probs * logprobs.nan_to_num(neginf=0.0)).sum(-1)  # [n + 1]
-    threshold = torch.clamp(setting.delta * torch.exp(-entropy), max=setting.epsilon)
+    """The accepted path (draft nodes, root excluded) under typical acceptance. The target's
+    distribution is asked for only where it decides something: at the root and at accepted
+    nodes (it is the costly part on a large vocabulary)."""
+    thresholds: dict[int, float] = {}
+
+    def passes(parent: int, token: int) -> tuple[bool, float]:
+        logprobs = logprobs_at(parent)
+        if parent not in thresholds:
+            entropy = float(-(logprobs.exp() * logprobs.nan_to_num(neginf=0.0)).sum())
+            thresholds[parent] = min(setting.epsilon, setting.delta * math.exp(-entropy))
+        token_logprob = float(logprobs[token])
+        return math.exp(token_logprob) > thresholds[parent], token_logprob
+
     best: tuple[int, float, int] = (0, 0.0, 0)  # (depth, total log-probability, node)
     accepted = {0: 0.0}  # node -> total log-probability of its path
-    for node in range(1, num_nodes + 1):
+    for node in range(1, len(tokens) + 1):
         parent = int(tree.parents[node])
-        token_logprob = float(logprobs[parent, tokens[node - 1]])
-        if parent in accepted and probs[parent, tokens[node - 1]] > threshold[parent]:
+        if parent not in accepted:
+            continue
+        typical, token_logprob = passes(parent, tokens[node - 1])
+        if typical:
             accepted[node] = accepted[parent] + token_logprob
             candidate = (int(tree.depths[node]), accepted[node], node)
             if candidate[:2] > best[:2]:
                 best = candidate
-    path, node = [], best[2]
-    while node > 0:
-        path.append(node)
-        node = int(tree.parents[node])
-    return path[::-1]
+    return tree.ancestry(best[2])

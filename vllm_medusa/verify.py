@@ -31,7 +31,7 @@ fewer drafts, or none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -78,6 +78,7 @@ def walk_trees(
     num_drafts: Sequence[int],  # n_i: draft nodes scheduled per request (a breadth-first prefix)
     draft_token_ids: torch.Tensor,  # [sum(n_i)] the nodes' tokens
     max_accepted: Sequence[int] | None = None,  # per request: most drafts it may accept
+    skip: Container[int] = (),  # requests left out: they draw nothing and emit nothing here
 ) -> TreeWalk:
     num_reqs = len(num_drafts)
     row_starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts, dtype=np.int64) + 1)))
@@ -86,7 +87,7 @@ def walk_trees(
     caps = list(num_drafts) if max_accepted is None else list(max_accepted)
 
     node = [0] * num_reqs
-    active = [True] * num_reqs
+    active = [r not in skip for r in range(num_reqs)]
     tokens: list[list[int]] = [[] for _ in range(num_reqs)]
     nodes: list[list[int]] = [[] for _ in range(num_reqs)]
     level_logprobs: list[Any] = []

@@ -130,8 +130,6 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
     sampling_metadata = runner.input_batch.sampling_metadata
     limits = _draft_limits(sampling_metadata, num_drafts)
     typical = _typical_requests(runner, len(num_drafts))
-    for r in typical:
-        limits[r] = 0  # walked below instead
     walk = walk_trees(
         level_sampler(runner.sampler, sampling_metadata),
         tree,
@@ -139,9 +137,10 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
         num_drafts,
         spec_metadata.draft_token_ids,
         max_accepted=limits,
+        skip=typical,  # walked below instead
     )
     if typical:
-        _walk_typical(runner, walk, tree, logits, num_drafts, spec_metadata, typical)
+        _walk_typical(runner, walk, tree, logits, num_drafts, spec_metadata, typical, limits)
     width = max(num_drafts) + 1
     runner._medusa_last_nodes = walk.last_nodes
     token_starts = runner.query_start_loc.np[: len(num_drafts)].tolist()
@@ -179,9 +178,10 @@ def _walk_typical(
     num_drafts: list[int],
     spec_metadata: Any,
     typical: dict[int, Typical],
+    limits: list[int],
 ) -> None:
-    """Replace the walks of `typical`'s requests with their typical-acceptance paths, each
-    followed by a draw from the target at the path's end."""
+    """Give `typical`'s requests their typical-acceptance paths (at most `limits[r]` nodes),
+    each followed by a draw from the target at the path's end."""
     sampling_metadata = runner.input_batch.sampling_metadata
     compute = processed_logprobs(runner.sampler, sampling_metadata)
     starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts) + 1)))[:-1]
@@ -189,20 +189,24 @@ def _walk_typical(
     # Each request's draft tokens: its rows start at s, its drafts at s - r.
     spans = enumerate(zip(starts, num_drafts, strict=True))
     tokens = [drafts[s - r : s - r + n] for r, (s, n) in spans]
-    per_node = []  # per node j: [R, vocab], each request's distribution after its node j
-    for node in range(max(num_drafts[r] for r in typical) + 1):
-        rows = [s + (node if node <= n else 0) for s, n in zip(starts, num_drafts, strict=True)]
-        paths = [
-            [t[a - 1] for a in tree.ancestry(node)] if node <= n else []
-            for t, n in zip(tokens, num_drafts, strict=True)
-        ]
-        per_node.append(compute(logits[torch.tensor(rows)], paths))
+    per_node: dict[int, torch.Tensor] = {}  # node j -> [R, vocab], each request's after node j
+
+    def logprobs_at(node: int) -> torch.Tensor:
+        if node not in per_node:
+            rows = [s + (node if node <= n else 0) for s, n in zip(starts, num_drafts, strict=True)]
+            paths = [
+                [t[a - 1] for a in tree.ancestry(node)] if node <= n else []
+                for t, n in zip(tokens, num_drafts, strict=True)
+            ]
+            per_node[node] = compute(logits[torch.tensor(rows)], paths)
+        return per_node[node]
+
     for r, setting in typical.items():
-        logprobs = torch.stack([lp[r] for lp in per_node[: num_drafts[r] + 1]])
-        nodes = typical_nodes(tree, logprobs, tokens[r], setting)
+        nodes = typical_nodes(tree, lambda j, r=r: logprobs_at(j)[r], tokens[r], setting)
+        nodes = nodes[: limits[r]]
         end = nodes[-1] if nodes else 0
         generator = sampling_metadata.generators.get(r)
-        drawn = int(torch.multinomial(logprobs[end].exp(), 1, generator=generator))
+        drawn = int(torch.multinomial(logprobs_at(end)[r].exp(), 1, generator=generator))
         walk.nodes[r] = nodes
         walk.tokens[r] = [tokens[r][n - 1] for n in nodes] + [drawn]
 
