@@ -93,7 +93,7 @@ def walk_trees(
     level_logprobs: list[Any] = []
     while any(active):
         rows = torch.from_numpy(row_starts[:-1] + np.asarray(node))
-        paths = [[tokens[r][i] for i in range(len(nodes[r]))] for r in range(num_reqs)]
+        paths = [tokens[r][: len(nodes[r])] for r in range(num_reqs)]  # accepted so far
         drawn, logprobs = sample_level(logits[rows], paths, active)
         level_logprobs.append(logprobs)
         for r, y in enumerate(drawn.tolist()):
