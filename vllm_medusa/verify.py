@@ -71,6 +71,19 @@ class TreeWalk:
         return [nodes[-1] if nodes else 0 for nodes in self.nodes]
 
 
+def request_layout(
+    num_drafts: Sequence[int],
+    draft_token_ids: torch.Tensor,  # [sum(n_i)]
+) -> tuple[np.ndarray, list[list[int]]]:
+    """Where each request's rows start in a step's logits ([R]: its root row, then its n_i
+    nodes), and each request's draft tokens."""
+    row_starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts, dtype=np.int64) + 1)))
+    flat = draft_token_ids.tolist()
+    draft_ends = np.cumsum(num_drafts, dtype=np.int64).tolist()
+    drafts = [flat[end - n : end] for n, end in zip(num_drafts, draft_ends, strict=True)]
+    return row_starts[:-1], drafts
+
+
 def walk_trees(
     sample_level: LevelSampler,
     tree: MedusaTree,
@@ -81,9 +94,7 @@ def walk_trees(
     skip: Container[int] = (),  # requests left out: they draw nothing and emit nothing here
 ) -> TreeWalk:
     num_reqs = len(num_drafts)
-    row_starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts, dtype=np.int64) + 1)))
-    draft_starts = row_starts[:-1] - np.arange(num_reqs)  # where each request's drafts begin
-    drafts = draft_token_ids.tolist()
+    row_starts, drafts = request_layout(num_drafts, draft_token_ids)
     caps = list(num_drafts) if max_accepted is None else list(max_accepted)
 
     node = [0] * num_reqs
@@ -92,7 +103,7 @@ def walk_trees(
     nodes: list[list[int]] = [[] for _ in range(num_reqs)]
     level_logprobs: list[Any] = []
     while any(active):
-        rows = torch.from_numpy(row_starts[:-1] + np.asarray(node))
+        rows = torch.from_numpy(row_starts + np.asarray(node))
         paths = [tokens[r][: len(nodes[r])] for r in range(num_reqs)]  # accepted so far
         drawn, logprobs = sample_level(logits[rows], paths, active)
         level_logprobs.append(logprobs)
@@ -100,7 +111,7 @@ def walk_trees(
             if not active[r]:
                 continue
             tokens[r].append(y)
-            child = _child_with_token(tree, node[r], y, num_drafts[r], drafts, draft_starts[r])
+            child = _child_with_token(tree, node[r], y, drafts[r])
             if child is None or len(nodes[r]) >= caps[r]:
                 active[r] = False
             else:
@@ -109,13 +120,11 @@ def walk_trees(
     return TreeWalk(tokens=tokens, nodes=nodes, level_logprobs=level_logprobs)
 
 
-def _child_with_token(
-    tree: MedusaTree, node: int, token: int, num_nodes: int, drafts: list[int], start: int
-) -> int | None:
-    """The child of `node` (among the request's first `num_nodes` nodes) whose token is
-    `token`; a node's children are distinct tokens (ranks of one head)."""
+def _child_with_token(tree: MedusaTree, node: int, token: int, drafts: list[int]) -> int | None:
+    """The child of `node` (among the request's scheduled nodes, whose tokens are `drafts`)
+    whose token is `token`; a node's children are distinct tokens (ranks of one head)."""
     for child in tree.children[node]:
-        if child <= num_nodes and drafts[start + child - 1] == token:
+        if child <= len(drafts) and drafts[child - 1] == token:
             return child
     return None
 

@@ -52,6 +52,7 @@ from vllm_medusa.verify import (
     kv_moves,
     level_sampler,
     processed_logprobs,
+    request_layout,
     stack_logprobs,
     walk_trees,
 )
@@ -184,11 +185,7 @@ def _walk_typical(
     each followed by a draw from the target at the path's end."""
     sampling_metadata = runner.input_batch.sampling_metadata
     compute = processed_logprobs(runner.sampler, sampling_metadata)
-    starts = np.concatenate(([0], np.cumsum(np.asarray(num_drafts) + 1)))[:-1]
-    drafts = spec_metadata.draft_token_ids.tolist()
-    # Each request's draft tokens: its rows start at s, its drafts at s - r.
-    spans = enumerate(zip(starts, num_drafts, strict=True))
-    tokens = [drafts[s - r : s - r + n] for r, (s, n) in spans]
+    starts, tokens = request_layout(num_drafts, spec_metadata.draft_token_ids)
     per_node: dict[int, torch.Tensor] = {}  # node j -> [R, vocab], each request's after node j
 
     def logprobs_at(node: int) -> torch.Tensor:
