@@ -227,7 +227,8 @@ def test_tree_attention_matches_brute_force():
         values.append(value)
         sequences.append(TreeSequence(req, start, context, tree.attention_mask[:n, :n]))
     layout = kv_layout("vec", block_size, head, torch.float32)
-    attend_trees(TreeStep(sequences), query, kv_cache, layout, block_table, 0.125, output)
+    step = TreeStep(sequences, query_starts=[0, 6, 7, 11])
+    attend_trees(step, query, kv_cache, layout, block_table, 0.125, output)
     assert output[6].isnan().all()  # not a tree row: untouched
     for req, (context, n, start) in enumerate(zip(contexts, sizes, starts, strict=True)):
         for node in range(n):

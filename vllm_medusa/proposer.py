@@ -51,7 +51,10 @@ class MedusaProposer(VllmMedusaProposer):
         if self.model.original_lm_head:
             self.model.bind_target_lm_head(_target_lm_head(target_model))
         if self.tree is not None:
-            _check_tree_attention(self.vllm_config)
+            logger.info(
+                "vllm-medusa: trees are verified by the %s attention backend",
+                _check_tree_attention(self.vllm_config),
+            )
         logger.info(
             "vllm-medusa: %d heads x %d layers from %s, %s lm_head, %s",
             self.model.num_heads,
@@ -91,19 +94,31 @@ class MedusaProposer(VllmMedusaProposer):
         return candidates[heads, :, ranks].transpose(0, 1)
 
 
-def _check_tree_attention(vllm_config) -> None:
+def _check_tree_attention(vllm_config) -> str:
     """Trees need every attention layer to apply the tree mask; any other backend would
-    silently verify with a causal mask and emit wrong tokens."""
+    silently verify with a causal mask and emit wrong tokens. Returns the backend's name."""
     from vllm.model_executor.layers.attention import Attention
 
     from vllm_medusa.tree_attention import TreeCPUAttentionBackendImpl
 
+    tree_impls = {TreeCPUAttentionBackendImpl: "CPU_ATTN"}
+    if vllm_config.device_config.device_type != "cpu":
+        from vllm_medusa.triton_tree_attention import TreeTritonAttentionBackendImpl
+
+        tree_impls[TreeTritonAttentionBackendImpl] = "TRITON_ATTN"
+    names = set()
     for name, layer in vllm_config.compilation_config.static_forward_context.items():
-        if isinstance(layer, Attention) and not isinstance(layer.impl, TreeCPUAttentionBackendImpl):
+        if not isinstance(layer, Attention):
+            continue
+        backend = next((b for cls, b in tree_impls.items() if isinstance(layer.impl, cls)), None)
+        if backend is None:
             raise ValueError(
-                f"Medusa trees need vLLM's CPU attention backend, but layer {name!r} uses "
-                f"{type(layer.impl).__name__}: verify a chain instead (VLLM_MEDUSA_TREE=chain:K)"
+                f"Medusa trees are verified by CPU or Triton attention only, but layer {name!r} "
+                f"uses {type(layer.impl).__name__}: select Triton attention "
+                "(--attention-backend TRITON_ATTN) or verify a chain (VLLM_MEDUSA_TREE=chain:K)"
             )
+        names.add(backend)
+    return ", ".join(sorted(names))
 
 
 def _target_lm_head(target_model: nn.Module) -> nn.Module:

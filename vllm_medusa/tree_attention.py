@@ -50,8 +50,10 @@ class TreeBatch:
 class TreeStep:
     """Every tree request of the current step, for the attention layers to read."""
 
-    def __init__(self, sequences: list[TreeSequence]) -> None:
+    def __init__(self, sequences: list[TreeSequence], query_starts: list[int]) -> None:
         self.sequences = sequences
+        self.query_starts = query_starts  # [num_reqs + 1]: each request's first token, then the end
+        self.backend_data: dict[str, object] = {}  # what a backend builds once per step
         self._batches: dict[int, TreeBatch] = {}
 
     def batch(self, block_table: torch.Tensor, block_size: int, dtype: torch.dtype) -> TreeBatch:

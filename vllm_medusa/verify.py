@@ -215,19 +215,30 @@ def kv_moves(
                 src.append(start + node)
                 dst.append(start + i)
     if not src:
-        empty = torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long, device=slot_mapping.device)
         return empty, empty
-    return slot_mapping[torch.tensor(src)].long(), slot_mapping[torch.tensor(dst)].long()
+    index = torch.tensor(src + dst, device=slot_mapping.device)
+    slots = slot_mapping[index].long()
+    return slots[: len(src)], slots[len(src) :]
 
 
 def copy_kv_slots(
-    caches: list[tuple[torch.Tensor, KVLayout]],  # per layer: [blocks, kv_heads, bs, 2 * head]
+    caches: list[tuple[torch.Tensor, KVLayout | None]],  # per layer: [blocks, kv_heads, bs, 2h]
     src: torch.Tensor,  # [M] slots
     dst: torch.Tensor,  # [M] slots
 ) -> None:
-    """Move keys and values between slots in every layer's paged cache."""
+    """Move keys and values between slots in every layer's paged cache.
+
+    A layout says where the CPU kernel keeps a token's keys and values inside a block; None
+    is vLLM's logical layout, which Triton attention reads as it stands (token t's keys at
+    [block, :, t, :head], values at [block, :, t, head:]), whatever the physical strides
+    behind the view."""
     for kv, layout in caches:
         num_blocks, num_kv_heads, block_size, two_head = kv.shape
+        if layout is None:
+            moved = kv[src // block_size, :, src % block_size]  # [M, kv_heads, 2 * head], a copy
+            kv[dst // block_size, :, dst % block_size] = moved
+            continue
         stretches = kv.view(num_blocks, num_kv_heads, block_size * two_head)
         src_index = layout.slot_index(src % block_size)  # [M, 2 * head]
         dst_index = layout.slot_index(dst % block_size)

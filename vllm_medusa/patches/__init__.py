@@ -15,6 +15,10 @@ Each module touches one vLLM surface and names the vLLM version it was read from
   input), and samples sampled and greedy requests through its own tree walk; seeded requests
   on CPU generators survive chunked prefills.
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
+- `triton_attention`: `TRITON_ATTN` resolves to a subclass that applies tree masks through its
+  kernel's `qq_bias`.
+- `vllm_config`: serving trees on a GPU selects Triton attention (refusing other backends)
+  and keeps attention out of full CUDA graphs.
 - `structured_output`: while trees are verified, requests with structured outputs get no
   drafts (vLLM's grammar masks assume a chain).
 - `sampling_params`: requests with `min_p` or `logit_bias` are accepted where the plugin
@@ -32,6 +36,8 @@ from vllm_medusa.patches import (
     sampling_params,
     speculative_config,
     structured_output,
+    triton_attention,
+    vllm_config,
 )
 
 
@@ -41,5 +47,7 @@ def apply() -> None:
     speculative_config.apply()
     model_runner.apply()
     cpu_attention.apply()
+    triton_attention.apply()
+    vllm_config.apply()
     structured_output.apply()
     sampling_params.apply()

@@ -91,7 +91,9 @@ def _publish_tree_step(runner: Any, tree: MedusaTree, num_draft_tokens: list[int
                 node_mask=tree.attention_mask[:num_tokens, :num_tokens],
             )
         )
-    set_tree_step(TreeStep(sequences) if sequences else None)
+    num_reqs = len(num_draft_tokens)
+    query_starts = query_start[: num_reqs + 1].tolist()
+    set_tree_step(TreeStep(sequences, query_starts) if sequences else None)
 
 
 def _draft_limits(sampling_metadata: Any, num_drafts: list[int]) -> list[int]:
@@ -145,7 +147,8 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
     width = max(num_drafts) + 1
     runner._medusa_last_nodes = walk.last_nodes
     token_starts = runner.query_start_loc.np[: len(num_drafts)].tolist()
-    slot_mapping = runner.input_batch.block_table[0].slot_mapping.cpu
+    # The device copy is the one vLLM computes (on the CPU runner both are one tensor).
+    slot_mapping = runner.input_batch.block_table[0].slot_mapping.gpu
     src, dst = kv_moves(walk.nodes, token_starts, slot_mapping)
     if src.numel():  # chains, and paths that are their tree's first branch, move nothing
         copy_kv_slots(_kv_caches(runner), src, dst)
@@ -208,16 +211,22 @@ def _walk_typical(
         walk.tokens[r] = [tokens[r][n - 1] for n in nodes] + [drawn]
 
 
-def _kv_caches(runner: Any) -> list[tuple[torch.Tensor, KVLayout]]:
-    """Every attention layer's KV cache with its block layout (measured once per kind)."""
+def _kv_caches(runner: Any) -> list[tuple[torch.Tensor, KVLayout | None]]:
+    """Every attention layer's KV cache with its block layout: measured once per kind for
+    the CPU kernel, None (vLLM's logical layout, see `copy_kv_slots`) for Triton's."""
+    from vllm_medusa.tree_attention import TreeCPUAttentionBackendImpl
+
     caches, seen = [], set()
     for context in runner.compilation_config.static_forward_context.values():
         kv = getattr(context, "kv_cache", None)
         if not isinstance(kv, torch.Tensor) or kv.numel() == 0 or kv.data_ptr() in seen:
             continue
         seen.add(kv.data_ptr())
-        _, _, block_size, two_head = kv.shape
-        caches.append((kv, kv_layout(context.isa, block_size, two_head // 2, kv.dtype)))
+        layout = None
+        if isinstance(getattr(context, "impl", None), TreeCPUAttentionBackendImpl):
+            _, _, block_size, two_head = kv.shape
+            layout = kv_layout(context.isa, block_size, two_head // 2, kv.dtype)
+        caches.append((kv, layout))
     return caches
 
 
