@@ -292,3 +292,25 @@ def test_plugin_registers_the_tree_backend():
     assert backend is TreeTritonAttentionBackend
     assert backend.get_impl_cls() is TreeTritonAttentionBackendImpl
     assert backend.get_name() == "TRITON_ATTN"
+
+
+def test_tree_bias_serves_prefixes_and_grows():
+    from vllm_medusa.triton_tree_attention import tree_bias
+
+    device = torch.device("cpu")
+    full = tree_bias(_mask(TREE, 7), 40, device)
+    prefix = tree_bias(_mask(TREE, 4), 40, device)
+    assert prefix.data_ptr() == full.data_ptr() and prefix.shape[0] == 4
+    assert full.stride(0) >= 7 + 40
+    expected = torch.zeros(7, 7).masked_fill_(~_mask(TREE, 7), float("-inf"))
+    assert torch.equal(full[:, :7], expected)
+    assert (full[:, 7:] == 0).all()
+    longer = tree_bias(_mask(TREE, 5), 500, device)  # a longer context: a wider buffer
+    assert longer.stride(0) >= 7 + 500 and torch.equal(longer[:, :5], expected[:5, :5])
+    # The interpreter reads up to the context length before each row: zeros there.
+    width = longer.stride(0)
+    before = longer.storage_offset() - width  # the buffer's start: the padding row
+    flat = torch.as_strided(longer, ((7 + 1) * width,), (1,), before)
+    for row in range(5):
+        start = width * (row + 1)
+        assert (flat[start - 500 : start] == 0).all()

@@ -38,25 +38,36 @@ from vllm.v1.kv_cache_interface import KVQuantMode
 
 from vllm_medusa.tree_attention import TreeSequence, TreeStep, current_tree_step
 
-# (device, mask as bytes) -> [pad + n * width] zero-padded buffer holding that mask's bias
-_bias_buffers: dict[tuple[str, int, bytes], torch.Tensor] = {}
+# device -> [(mask [n, n] bool, zero-padded buffer of its bias)], see `tree_bias`
+_bias_buffers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def tree_bias(mask: torch.Tensor, max_context: int, device: torch.device) -> torch.Tensor:
     """[n, width] float32 additive bias of an [n, n] bool tree mask, as a view into a buffer
     whose reads at offsets down to -max_context of any row hit zeros (see module docstring).
-    Cached per mask and device, grown when a longer context needs it."""
+
+    Cached per device and tree: a mask that is a top-left block of a cached one (a prefix of
+    the same tree) is served by that buffer's first rows (their columns past n are -inf, but
+    those keys lie past the request's end, already masked). Grown for longer contexts."""
     n = mask.shape[0]
-    key = (str(device), n, mask.cpu().numpy().tobytes())
-    buffer = _bias_buffers.get(key)
-    width = 1 << max(n + max_context, 1).bit_length()  # >= n + max_context
-    if buffer is None or buffer.numel() < width * (n + 1):
-        block = torch.zeros(n, width, dtype=torch.float32)
-        block[:, :n].masked_fill_(~mask.cpu(), float("-inf"))
-        buffer = torch.cat([torch.zeros(width), block.flatten()]).to(device)
-        _bias_buffers[key] = buffer
-    width = buffer.numel() // (n + 1)
-    return buffer[width:].view(n, width)
+    mask = mask.cpu()
+    entries = _bias_buffers.setdefault(str(device), [])
+    for i, (cached, buffer) in enumerate(entries):
+        size = cached.shape[0]
+        if size >= n and torch.equal(cached[:n, :n], mask):
+            width = buffer.numel() // (size + 1)
+            if width >= size + max_context:
+                return buffer[width:].view(size, width)[:n]
+            mask = cached  # grow the bigger tree's buffer
+            del entries[i]
+            break
+    size = mask.shape[0]
+    width = 1 << (size + max_context).bit_length()  # > size + max_context: room to grow
+    block = torch.zeros(size, width, dtype=torch.float32)
+    block[:, :size].masked_fill_(~mask, float("-inf"))
+    buffer = torch.cat([torch.zeros(width), block.flatten()]).to(device)
+    entries.append((mask, buffer))
+    return buffer[width:].view(size, width)[:n]
 
 
 @dataclass
