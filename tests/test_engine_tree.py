@@ -144,6 +144,7 @@ class Run:
     sampled_stats: SpecDecodeStats  # counters moved by sampled requests alone
     choices: dict[str, list[list[list[int]]]]  # every choice's tokens, per request (n > 1)
     logprobs: dict[str, list]  # per request: (sample logprobs, prompt logprobs)
+    final_stats: SpecDecodeStats  # the counters when the engine stopped
 
 
 def run(llm: LLM, cases: dict[str, Scenario], results: dict[str, list] | None = None):
@@ -176,9 +177,13 @@ def counter(llm: LLM, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 
 
-def run_engine(model: Path, tree: str | None, speculate: bool = True) -> Run:
+def run_engine(
+    model: Path, tree: str | None, speculate: bool = True, env: dict[str, str] | None = None
+) -> Run:
     spec = medusa_config(default_heads_path(), num_speculative_tokens=4) if speculate else None
-    with tree_setting(tree):
+    with tree_setting(tree), pytest.MonkeyPatch.context() as patch:
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
         llm = LLM(model=str(model), speculative_config=spec, **ENGINE)
     try:
         cases = scenarios(model)
@@ -210,6 +215,7 @@ def run_engine(model: Path, tree: str | None, speculate: bool = True) -> Run:
                 ]
                 for k, v in results.items()
             },
+            spec_decode_stats(llm),
         )
     finally:
         shutdown(llm)
@@ -221,8 +227,15 @@ def reference(smollm2_dir: Path) -> Run:
 
 
 @pytest.fixture(scope="module")
-def tree_run(smollm2_dir: Path) -> Run:
-    return run_engine(smollm2_dir, TREE)
+def debug_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("debug") / "steps.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tree_run(smollm2_dir: Path, debug_file: Path) -> Run:
+    """With the debug output on: it must leave every output as it is."""
+    env = {"VLLM_MEDUSA_DEBUG": "1", "VLLM_MEDUSA_DEBUG_FILE": str(debug_file)}
+    return run_engine(smollm2_dir, TREE, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +384,23 @@ def test_tree_accepts_more_than_the_chain_of_the_same_heads(tree_run, chain_run)
 def test_chain_output_identical_too(reference, chain_run):
     for scenario in SCENARIOS:
         assert chain_run.outputs[scenario] == reference.outputs[scenario], scenario
+
+
+def test_debug_output_accounts_for_every_verified_step(tree_run, debug_file):
+    """VLLM_MEDUSA_DEBUG_FILE records each request's drafts and accepted path per step: the
+    same steps and accepted tokens vLLM's counters report, drafts with the heads' confidence."""
+    records = [json.loads(line) for line in debug_file.read_text().splitlines()]
+    stats = tree_run.final_stats
+    assert len(records) == stats.num_drafts
+    assert sum(len(r["accepted_nodes"]) for r in records) == stats.num_accepted_tokens
+    assert sum(len(r["drafted"]) for r in records) == stats.num_draft_tokens
+    paths = json.loads(TREE)
+    with_probs = 0
+    for r in records:
+        assert [d["path"] for d in r["drafted"]] == paths[: len(r["drafted"])]
+        for node, token in zip(r["accepted_nodes"], r["accepted_tokens"], strict=True):
+            assert r["drafted"][node - 1]["token"] == token
+        probs = [d["prob"] for d in r["drafted"] if d["prob"] is not None]
+        assert all(0.0 < p <= 1.0 for p in probs)
+        with_probs += bool(probs)
+    assert with_probs > 0.9 * len(records)

@@ -241,3 +241,17 @@ def test_tree_attention_matches_brute_force():
             weights = torch.softmax(torch.einsum("hd,thd->ht", q, k) * 0.125, dim=-1)
             expected = torch.einsum("ht,thd->hd", weights, v)
             torch.testing.assert_close(output[start + node].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():
+    from vllm_medusa.debug import AcceptanceTable
+
+    tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]])  # nodes 1..5 in this order
+    table = AcceptanceTable()
+    table.add(tree, 5, [1, 4])  # root -> (0) -> (0, 1)
+    table.add(tree, 5, [])  # nothing accepted: only the root's children were tried
+    table.add(tree, 3, [2])  # a cut tree: (1, 0) was not scheduled, so not tried
+    assert table.tried == {(1, 0): 3, (1, 1): 3, (2, 0): 1, (2, 1): 1}
+    assert table.accepted == {(1, 0): 1, (1, 1): 1, (2, 1): 1}
+    assert table.rate(1, 0) == 1 / 3 and table.rate(2, 1) == 1.0 and table.rate(3, 0) is None
+    assert "1/3" in table.format().replace(" ", "")

@@ -14,6 +14,7 @@ from vllm.logger import init_logger
 from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
+from vllm_medusa.debug import debug_enabled
 from vllm_medusa.model import MedusaHeads
 from vllm_medusa.tree import (
     MedusaTree,
@@ -40,6 +41,9 @@ class MedusaProposer(VllmMedusaProposer):
                 chain_paths(self.num_speculative_tokens),
                 name=f"chain:{self.num_speculative_tokens}",
             )
+        # With VLLM_MEDUSA_DEBUG: [num_reqs, drafts] the heads' probability of each draft.
+        self.debug = debug_enabled()
+        self.last_draft_probs: torch.Tensor | None = None
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
@@ -86,12 +90,19 @@ class MedusaProposer(VllmMedusaProposer):
         head_states = torch.stack(self.model(target_hidden_states))  # [heads, num_reqs, hidden]
         logits = self.model.stacked_logits(head_states)  # [heads, num_reqs, vocab]
         if self.tree is None:
-            return logits[:num_speculative_tokens].argmax(dim=-1).transpose(0, 1)
-        candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
-        heads = self.tree.heads[:num_speculative_tokens]
-        ranks = self.tree.ranks[:num_speculative_tokens]
-        # [drafts, num_reqs] -> [num_reqs, drafts]
-        return candidates[heads, :, ranks].transpose(0, 1)
+            heads = torch.arange(num_speculative_tokens, device=logits.device)
+            drafts = logits[:num_speculative_tokens].argmax(dim=-1).transpose(0, 1)
+        else:
+            candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
+            heads = self.tree.heads[:num_speculative_tokens]
+            ranks = self.tree.ranks[:num_speculative_tokens]
+            # [drafts, num_reqs] -> [num_reqs, drafts]
+            drafts = candidates[heads, :, ranks].transpose(0, 1)
+        if self.debug:
+            logprobs = logits[heads].float().log_softmax(dim=-1)  # [drafts, num_reqs, vocab]
+            drafted = logprobs.gather(-1, drafts.transpose(0, 1).unsqueeze(-1)).squeeze(-1)
+            self.last_draft_probs = drafted.exp().transpose(0, 1)  # [num_reqs, drafts]
+        return drafts
 
 
 def _check_tree_attention(vllm_config) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_medusa.debug import DraftDebug, debug_enabled
 from vllm_medusa.tree import MedusaTree
 from vllm_medusa.tree_attention import (
     KVLayout,
@@ -146,6 +147,15 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
         _walk_typical(runner, walk, tree, logits, num_drafts, spec_metadata, typical, limits)
     width = max(num_drafts) + 1
     runner._medusa_last_nodes = walk.last_nodes
+    debug = _debug(runner)
+    if debug is not None:
+        debug.record_step(
+            tree,
+            runner.input_batch.req_ids[: len(num_drafts)],
+            num_drafts,
+            request_layout(num_drafts, spec_metadata.draft_token_ids)[1],
+            walk.nodes,
+        )
     token_starts = runner.query_start_loc.np[: len(num_drafts)].tolist()
     # The device copy is the one vLLM computes (on the CPU runner both are one tensor).
     slot_mapping = runner.input_batch.block_table[0].slot_mapping.gpu
@@ -156,6 +166,13 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
         sampled_token_ids=walk.sampled_token_ids(width),
         logprobs_tensors=stack_logprobs(walk.level_logprobs, width),
     )
+
+
+def _debug(runner: Any) -> DraftDebug | None:
+    """The process's debug output (VLLM_MEDUSA_DEBUG), None when off."""
+    if not hasattr(runner, "_medusa_debug"):
+        runner._medusa_debug = DraftDebug() if debug_enabled() else None
+    return runner._medusa_debug
 
 
 def _typical_requests(runner: Any, num_reqs: int) -> dict[int, Typical]:
@@ -314,8 +331,14 @@ def _patch_runner(runner_cls: type) -> None:
             # No request had drafts: one hidden state per request, as for a chain.
             or arguments["sample_hidden_states"].shape[0] == len(arguments["sampled_token_ids"])
         ):
-            return propose(self, *args, **kwargs)
-        return _propose_tree(self, arguments)
+            drafts = propose(self, *args, **kwargs)
+        else:
+            drafts = _propose_tree(self, arguments)
+        debug = _debug(self)
+        probs = getattr(self.drafter, "last_draft_probs", None)
+        if debug is not None and probs is not None:
+            debug.record_drafts(self.input_batch.req_ids, probs)
+        return drafts
 
     @functools.wraps(execute_model)
     def execute_model_with_tree(self, *args, **kwargs):
