@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,3 +405,57 @@ def test_debug_output_accounts_for_every_verified_step(tree_run, debug_file):
         assert all(0.0 < p <= 1.0 for p in probs)
         with_probs += bool(probs)
     assert with_probs > 0.9 * len(records)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(smollm2_dir: Path, tmp_path_factory) -> dict:
+    """Heads with a calibration beside them, and nothing but the three keys in the config:
+    the calibration's tree and its drafts per batch size (none alone, 2 nodes from 2 up)."""
+    from dataclasses import asdict
+
+    from transformers import AutoConfig
+
+    from vllm_medusa.calibrate import (
+        CALIBRATION_FILE,
+        Calibration,
+        heads_fingerprint,
+        model_identity,
+    )
+    from vllm_medusa.tree import best_tree
+
+    heads = tmp_path_factory.mktemp("calibrated") / "heads"
+    shutil.copytree(default_heads_path(), heads)
+    acceptance = [[0.3, 0.1, 0.05], [0.25, 0.1, 0.05]]
+    calibration = Calibration(
+        heads_fingerprint=heads_fingerprint(heads),
+        model=model_identity(AutoConfig.from_pretrained(smollm2_dir)),
+        dtype="float32",
+        device="cpu",
+        machine={},
+        acceptance=acceptance,
+        tree=[list(p) for p in best_tree(acceptance, 3).paths],
+        schedule=[[1, 1, 0], [2, 1024, 2]],
+    )
+    (heads / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration)))
+    spec = {"method": "medusa", "model": str(heads), "num_speculative_tokens": 4}
+    llm = LLM(model=str(smollm2_dir), speculative_config=spec, **ENGINE)
+    try:
+        cases = scenarios(smollm2_dir)
+        results = {}
+        for name in ("batch1", "batch4", "batch16"):
+            before = spec_decode_stats(llm)
+            outputs = run(llm, {name: cases[name]})
+            results[name] = (outputs[name], spec_decode_stats(llm).minus(before))
+        return results
+    finally:
+        shutdown(llm)
+
+
+def test_calibration_alone_sets_tree_and_drafts_per_batch_size(reference, calibrated_run):
+    alone = calibrated_run["batch1"][1]
+    assert alone.num_drafts == 0  # batch size 1: the calibration says no speculation
+    for name in ("batch4", "batch16"):
+        stats = calibrated_run[name][1]
+        assert stats.num_drafts > 0 and stats.num_draft_tokens == 2 * stats.num_drafts, name
+    for name, (outputs, _) in calibrated_run.items():
+        assert outputs == reference.outputs[name], name

@@ -255,3 +255,35 @@ def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():
     assert table.accepted == {(1, 0): 1, (1, 1): 1, (2, 1): 1}
     assert table.rate(1, 0) == 1 / 3 and table.rate(2, 1) == 1.0 and table.rate(3, 0) is None
     assert "1/3" in table.format().replace(" ", "")
+
+
+def _closed_trees(size: int, depth: int, ranks: int) -> set[frozenset]:
+    """Every tree of `size` nodes within `depth` heads and `ranks` ranks (brute force)."""
+    trees = {frozenset()}
+    for _ in range(size):
+        grown = set()
+        for tree in trees:
+            candidates = [(r,) for r in range(ranks)] + [
+                (*p, r) for p in tree if len(p) < depth for r in range(ranks)
+            ]
+            grown.update(tree | {c} for c in candidates if c not in tree)
+        trees = grown
+    return trees
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_tree_matches_brute_force(seed):
+    from vllm_medusa.tree import best_tree, expected_acceptance_length, path_probability
+
+    generator = torch.Generator().manual_seed(seed)
+    depth, ranks = 3, 3
+    # Rates as heads have them (falling with rank and depth), but not always monotonic.
+    acceptance = (torch.rand(depth, ranks, generator=generator) * 0.8).tolist()
+    for size in range(1, 6):
+        best = max(
+            sum(path_probability(acceptance, p) for p in tree)
+            for tree in _closed_trees(size, depth, ranks)
+        )
+        tree = best_tree(acceptance, size)
+        assert tree.num_nodes == size
+        assert expected_acceptance_length(acceptance, tree) == pytest.approx(1 + best)

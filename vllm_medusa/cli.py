@@ -84,6 +84,12 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _calibrate(argv: list[str]) -> int:
+    from vllm_medusa.calibrate import main as calibrate_main
+
+    return calibrate_main(argv)
+
+
 def _load(argv: list[str]) -> int:
     from vllm_medusa.loadtest import main as load_main
 
@@ -125,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("convert", help="convert a FasterDecoding checkpoint (see convert --help)")
     sub.add_parser("bench", help="benchmark tokens/s and acceptance (see bench --help)")
     sub.add_parser("load", help="concurrent server load, Medusa vs none (see load --help)")
+    sub.add_parser(
+        "calibrate", help="measure heads and machine, choose trees per batch size (see --help)"
+    )
     sub.add_parser("serve", help="vLLM's `vllm serve`, on either vLLM build (see serve --help)")
 
     p = sub.add_parser("train", help="train Medusa heads by self-distillation")
@@ -183,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # convert, bench, load and serve own their argument parsing.
+    # convert, bench, calibrate, load and serve own their argument parsing.
     if argv and argv[0] == "convert":
         return _convert(argv[1:])
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "calibrate":
+        return _calibrate(argv[1:])
     if argv and argv[0] == "load":
         return _load(argv[1:])
     if argv and argv[0] == "serve":

@@ -4,7 +4,9 @@ A tree is FasterDecoding's `medusa_choices`: a list of paths, each a tuple of to
 one rank per head. `(0, 2)` is the node "head 0's best token, then head 1's third best". The
 nodes are put in breadth-first order (by depth, then by path), so every node comes after its
 parent and any prefix of the order is a tree too: the scheduler may cut a request's drafts
-short near `max_model_len` and what is left is still verifiable.
+short near `max_model_len` and what is left is still verifiable. A calibrated tree keeps its
+own order instead (most probable paths first, each after its parent), so that each prefix
+is the best tree of its size.
 
 Node 0 is the root: the last token the target sampled, already known. Draft node j (1-based)
 is fed at position `context + depth(j)` and may see the context, its ancestors and itself.
@@ -13,9 +15,10 @@ is fed at position `context + depth(j)` and may see the context, its ancestors a
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -53,10 +56,10 @@ def chain_paths(length: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class MedusaTree:
-    """A validated tree in breadth-first order, with the buffers verification needs."""
+    """A validated tree, every node after its parent, with the buffers verification needs."""
 
     name: str
-    paths: tuple[tuple[int, ...], ...]  # the draft nodes 1..N, breadth-first
+    paths: tuple[tuple[int, ...], ...]  # the draft nodes 1..N (breadth-first unless calibrated)
     _index: dict[tuple[int, ...], int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,8 +150,9 @@ class MedusaTree:
         return f"{kind} {self.name!r}: {self.num_nodes} nodes, depth {self.depth}, top-{self.top_k}"
 
 
-def build_tree(paths: Any, name: str = "custom") -> MedusaTree:
-    """Validate FasterDecoding-style paths and order them breadth-first."""
+def build_tree(paths: Any, name: str = "custom", ordered: bool = False) -> MedusaTree:
+    """Validate FasterDecoding-style paths and order them breadth-first (`ordered`: keep the
+    given order, in which every path must come after its parent)."""
     if not isinstance(paths, (list, tuple)) or not paths:
         raise TreeError(
             f"Medusa tree {name!r} must be a non-empty list of paths, e.g. [[0], [0, 1]]"
@@ -183,7 +187,57 @@ def build_tree(paths: Any, name: str = "custom") -> MedusaTree:
             f"Medusa tree {name!r} has {len(seen)} nodes; vLLM verifies at most "
             f"{MAX_TREE_NODES} draft tokens per request: use a smaller tree"
         )
+    if ordered:
+        order = [tuple(p) for p in paths]
+        position = {p: i for i, p in enumerate(order)}
+        for i, path in enumerate(order):
+            if len(path) > 1 and position[path[:-1]] > i:
+                raise TreeError(
+                    f"Medusa tree {name!r}: path {list(path)} comes before its parent "
+                    f"{list(path[:-1])}: list every parent first"
+                )
+        return MedusaTree(name=name, paths=tuple(order))
     return MedusaTree(name=name, paths=tuple(sorted(seen, key=lambda p: (len(p), p))))
+
+
+def path_probability(acceptance: Sequence[Sequence[float]], path: Sequence[int]) -> float:
+    """The chance that every node on `path` is accepted, for heads whose rank-r token at
+    depth d + 1 is the target's with probability acceptance[d][r] once the path above it is."""
+    probability = 1.0
+    for depth, rank in enumerate(path):
+        probability *= acceptance[depth][rank]
+    return probability
+
+
+def expected_acceptance_length(acceptance: Sequence[Sequence[float]], tree: MedusaTree) -> float:
+    """Tokens a step emits on average: the bonus token plus, per node, the chance it is
+    accepted (siblings are distinct tokens, so at most one child of a node is)."""
+    return 1.0 + sum(path_probability(acceptance, p) for p in tree.paths)
+
+
+def best_tree(
+    acceptance: Sequence[Sequence[float]], num_nodes: int, name: str = "calibrated"
+) -> MedusaTree:
+    """The tree of `num_nodes` nodes with the highest expected acceptance length.
+
+    A path's probability never grows going down (each factor is at most 1), so the
+    `num_nodes` most probable paths include each one's parent: they form a tree, and no other
+    tree of that size scores more. Best-first search from the root finds them; on ties the
+    shallower path wins, so a parent always comes before its children. The tree keeps that
+    order: its first n nodes are the best tree of n nodes."""
+    depth = len(acceptance)
+    ranks = min(TOP_K_LIMIT, min(len(row) for row in acceptance))
+    frontier = [(-acceptance[0][r], (r,)) for r in range(ranks)]
+    heapq.heapify(frontier)
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < num_nodes:
+        score, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < depth:
+            for r in range(ranks):
+                child = (*path, r)
+                heapq.heappush(frontier, (score * acceptance[len(path)][r], child))
+    return build_tree([list(p) for p in chosen], name=name, ordered=True)
 
 
 def parse_tree(spec: Any) -> MedusaTree:
@@ -265,8 +319,9 @@ def tree_of_heads(heads_config: Any) -> MedusaTree | None:
     resolved = getattr(heads_config, RESOLVED_ATTR, None)
     if resolved is None:
         return None
-    return build_tree(resolved["paths"], name=resolved["name"])
+    return build_tree(resolved["paths"], name=resolved["name"], ordered=True)
 
 
 def resolved_form(tree: MedusaTree) -> dict[str, Any]:
+    """The tree as it travels to the engine's processes, its node order kept."""
     return {"name": tree.name, "paths": [list(p) for p in tree.paths]}

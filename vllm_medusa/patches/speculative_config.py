@@ -10,17 +10,34 @@ The same call resolves the Medusa tree (`vllm_medusa.tree.configured_tree`), onc
 process: with a tree, `num_speculative_tokens` becomes the tree's node count (the drafts the
 scheduler makes room for per request and step), the heads' config asks for as many heads as
 the tree is deep, and the resolved tree travels on that config to the engine's processes.
+
+Where the user sets neither a tree nor `num_speculative_tokens_per_batch_size`, a calibration
+beside the heads (`vllm-medusa calibrate`) supplies both, if it was measured for these heads,
+this model, dtype and device; otherwise it is set aside with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
-from vllm_medusa.tree import CONFIG_KEY, RESOLVED_ATTR, MedusaTree, configured_tree, resolved_form
+from vllm_medusa.calibrate import CALIBRATION_FILE, load_calibration, mismatch, model_identity
+from vllm_medusa.tree import (
+    CONFIG_KEY,
+    RESOLVED_ATTR,
+    MedusaTree,
+    build_tree,
+    configured_tree,
+    resolved_form,
+)
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
 _ORIGINAL_ATTR = "_vllm_medusa_original_verify_vocab"
+# On the heads' config: the schedule a calibration set, so that vLLM's second validation of
+# the same config (inside its VllmConfig) tells it from a schedule the user set.
+_CALIBRATED_ATTR = "vllm_medusa_calibrated_schedule"
 _UNSET = object()
 
 
@@ -71,6 +88,54 @@ def use_tree(spec_config, heads, tree: MedusaTree | None, num_heads: int) -> Non
     setattr(heads, RESOLVED_ATTR, resolved)
 
 
+def calibrated_settings(
+    spec_config: Any, log: bool = True
+) -> tuple[MedusaTree, list[list[int]]] | None:
+    """The tree and schedule of the calibration beside the heads, if it fits this engine."""
+    import torch
+    from vllm.platforms import current_platform
+
+    heads_dir = spec_config.draft_model_config.model
+    path = Path(heads_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    calibration = load_calibration(path)
+    target = spec_config.target_model_config
+    dtype = (
+        str(target.dtype).removeprefix("torch.")
+        if isinstance(target.dtype, torch.dtype)
+        else str(target.dtype)
+    )
+    reason = mismatch(
+        calibration,
+        heads_dir,
+        model_identity(target.hf_config),
+        dtype,
+        current_platform.device_type,
+    )
+    if reason is not None:
+        if not log:
+            return None
+        logger.warning(
+            "vllm-medusa: not using the calibration %s: %s; speculating with "
+            "num_speculative_tokens (run vllm-medusa calibrate --heads %s to measure again)",
+            path,
+            reason,
+            heads_dir,
+        )
+        return None
+    tree = build_tree(calibration.tree, name="calibrated", ordered=True)
+    if not log:
+        return tree, calibration.schedule
+    logger.info(
+        "vllm-medusa: calibration %s (measured %s): drafts per batch size %s",
+        path,
+        calibration.machine.get("measured", "?"),
+        calibration.schedule,
+    )
+    return tree, calibration.schedule
+
+
 def apply() -> None:
     from vllm.config.speculative import SpeculativeConfig
 
@@ -87,6 +152,12 @@ def apply() -> None:
         target = self.target_model_config
         num_heads = getattr(heads, "checkpoint_num_heads", heads.num_heads)
         tree = configured_tree(getattr(heads, CONFIG_KEY, None))
+        schedule = None
+        previous = getattr(heads, _CALIBRATED_ATTR, None)
+        if tree is None and self.num_speculative_tokens_per_batch_size in (None, previous):
+            calibrated = calibrated_settings(self, log=previous is None)
+            if calibrated is not None:
+                tree, schedule = calibrated
         check_heads_fit_target(
             heads_dir=self.draft_model_config.model,
             num_heads=num_heads,
@@ -97,6 +168,9 @@ def apply() -> None:
             target_vocab=target.get_vocab_size(),
         )
         use_tree(self, heads, tree, num_heads)
+        if schedule is not None:
+            self.num_speculative_tokens_per_batch_size = schedule
+            setattr(heads, _CALIBRATED_ATTR, schedule)
 
     SpeculativeConfig.verify_equal_vocab_size_if_draft_model = (
         verify_equal_vocab_size_if_draft_model

@@ -1,0 +1,184 @@
+"""`vllm-medusa calibrate` and the calibration file the plugin reads beside the heads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_medusa.calibrate import (
+    CALIBRATION_FILE,
+    Calibration,
+    CalibrationError,
+    acceptance_from_records,
+    choose_schedule,
+    heads_fingerprint,
+    load_calibration,
+    mismatch,
+    model_identity,
+    probe_paths,
+)
+from vllm_medusa.heads import default_heads_path
+from vllm_medusa.tree import best_tree
+
+ACCEPTANCE = [[0.3, 0.1, 0.05], [0.25, 0.1, 0.05], [0.2, 0.1, 0.0]]
+
+
+@pytest.fixture()
+def heads_copy(tmp_path) -> Path:
+    folder = tmp_path / "heads"
+    shutil.copytree(default_heads_path(), folder)
+    (folder / CALIBRATION_FILE).unlink(missing_ok=True)
+    return folder
+
+
+def smollm2_identity(smollm2_dir: Path) -> dict:
+    from transformers import AutoConfig
+
+    return model_identity(AutoConfig.from_pretrained(smollm2_dir))
+
+
+def calibration_for(heads: Path, model: dict, schedule, nodes: int = 3, **changes) -> Calibration:
+    tree = best_tree(ACCEPTANCE, nodes)
+    fields = dict(
+        heads_fingerprint=heads_fingerprint(heads),
+        model=model,
+        dtype="float32",
+        device="cpu",
+        machine={"measured": "2026-12-02"},
+        acceptance=ACCEPTANCE,
+        tree=[list(p) for p in tree.paths],
+        schedule=schedule,
+    )
+    fields.update(changes)
+    return Calibration(**fields)
+
+
+def write(calibration: Calibration, heads: Path) -> Path:
+    path = heads / CALIBRATION_FILE
+    path.write_text(json.dumps(asdict(calibration)))
+    return path
+
+
+def test_probe_and_records_give_the_conditional_acceptance_table():
+    probe = probe_paths(depth=2, ranks=2)
+    assert probe == [[0], [1], [0, 0], [0, 1]]
+    drafted = [{"path": p} for p in probe]
+    records = [
+        {"drafted": drafted, "accepted_nodes": [1, 4]},  # (0) then (0, 1)
+        {"drafted": drafted, "accepted_nodes": [2]},  # (1): nothing below it was drafted
+        {"drafted": drafted, "accepted_nodes": []},
+        {"drafted": drafted, "accepted_nodes": [1]},  # (0), then neither child
+    ]
+    table = acceptance_from_records(records, depth=2, ranks=2)
+    assert table == [[2 / 4, 1 / 4], [0 / 2, 1 / 2]]
+
+
+def test_schedule_keeps_no_speculation_unless_clearly_ahead():
+    predicted = {
+        (1, 0): 20.0, (1, 2): 25.0, (1, 4): 24.0,
+        (4, 0): 60.0, (4, 2): 61.0, (4, 4): 50.0,
+        (8, 0): 100.0, (8, 2): 80.0, (8, 4): 70.0,
+    }  # fmt: skip
+    schedule = choose_schedule(predicted, [1, 4, 8], margin=1.05)
+    assert schedule == [[1, 3, 2], [4, 7, 0], [8, 1024, 0]]
+    assert choose_schedule(predicted, [1, 4, 8], margin=1.3)[0] == [1, 3, 0]
+
+
+def test_calibration_file_round_trip_and_refusals(tmp_path, heads_copy, smollm2_dir):
+    model = smollm2_identity(smollm2_dir)
+    good = calibration_for(heads_copy, model, [[1, 1, 3], [2, 1024, 0]])
+    path = write(good, heads_copy)
+    assert load_calibration(path) == good
+    assert mismatch(good, str(heads_copy), model, "float32", "cpu") is None
+
+    for text, message in (
+        ("{not json", "cannot be read as JSON"),
+        (json.dumps({"version": 99}), "not a version-1 calibration"),
+        (json.dumps({**asdict(good), "tree": [[0, 1]]}), "malformed.*no parent"),
+        (json.dumps({**asdict(good), "schedule": [[1, 4, 9]]}), "malformed.*schedule entry"),
+        (json.dumps({**asdict(good), "extra": 1}), "malformed"),
+    ):
+        path.write_text(text)
+        with pytest.raises(CalibrationError, match=message) as error:
+            load_calibration(path)
+        assert "run vllm-medusa calibrate again" in str(error.value)
+
+    assert "measured in float32, this engine runs bfloat16" in mismatch(
+        good, str(heads_copy), model, "bfloat16", "cpu"
+    )
+    assert "another model" in mismatch(
+        good, str(heads_copy), {**model, "hidden_size": 1}, "float32", "cpu"
+    )
+    assert "on cpu, this engine runs on cuda" in mismatch(
+        good, str(heads_copy), model, "float32", "cuda"
+    )
+    (heads_copy / "config.json").write_text((heads_copy / "config.json").read_text() + " ")
+    assert "heads changed" in mismatch(good, str(heads_copy), model, "float32", "cpu")
+
+
+def _spec_config(heads: Path, smollm2_dir: Path, dtype=torch.float32):
+    from transformers import AutoConfig
+
+    return SimpleNamespace(
+        draft_model_config=SimpleNamespace(model=str(heads)),
+        target_model_config=SimpleNamespace(
+            dtype=dtype, hf_config=AutoConfig.from_pretrained(smollm2_dir)
+        ),
+    )
+
+
+def test_plugin_uses_a_fitting_calibration_and_sets_others_aside(heads_copy, smollm2_dir, caplog):
+    from vllm_medusa.patches.speculative_config import calibrated_settings
+
+    schedule = [[1, 1, 3], [2, 1024, 0]]
+    write(calibration_for(heads_copy, smollm2_identity(smollm2_dir), schedule), heads_copy)
+    tree, used = calibrated_settings(_spec_config(heads_copy, smollm2_dir))
+    assert used == schedule and tree.num_nodes == 3 and tree.name == "calibrated"
+    # Another dtype: a warning, and the engine's own settings.
+    with caplog.at_level("WARNING", logger="vllm"):
+        assert calibrated_settings(_spec_config(heads_copy, smollm2_dir, torch.bfloat16)) is None
+    assert "measured in float32, this engine runs bfloat16" in caplog.text
+    # No file: nothing to use.
+    (heads_copy / CALIBRATION_FILE).unlink()
+    assert calibrated_settings(_spec_config(heads_copy, smollm2_dir)) is None
+
+
+def test_calibrate_command_writes_a_calibration_the_plugin_accepts(
+    heads_copy, smollm2_dir, tmp_path
+):
+    """The whole command at its smallest: a probe engine, no speculation and one tree size."""
+    from vllm_medusa.calibrate import main
+
+    out = tmp_path / "calibration.json"
+    code = main(
+        [
+            "--heads", str(heads_copy), "--model", str(smollm2_dir), "--out", str(out),
+            "--sizes", "2", "--batch-sizes", "1", "2", "--num-prompts", "4",
+            "--max-tokens", "8", "--rounds", "1", "--probe-ranks", "3", "--max-depth", "2",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    calibration = load_calibration(out)
+    assert (
+        mismatch(calibration, str(heads_copy), smollm2_identity(smollm2_dir), "float32", "cpu")
+        is None
+    )
+    assert len(calibration.acceptance) == 2 and len(calibration.acceptance[0]) == 3
+    assert 0 < calibration.acceptance[0][0] <= 1
+    assert [m["draft_nodes"] for m in calibration.measurements] == [0, 2, 0, 2]
+    assert all(m["step_ms"] > 0 and m["measured_tok_s"] > 0 for m in calibration.measurements)
+    assert [e[:2] for e in calibration.schedule] == [[1, 1], [2, 1024]]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_calibrate_refuses_a_missing_heads_folder(tmp_path, capsys):
+    from vllm_medusa.calibrate import main
+
+    assert main(["--heads", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().out

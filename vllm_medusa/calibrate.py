@@ -1,0 +1,442 @@
+"""`vllm-medusa calibrate`: measure the heads and this machine, then choose the tree and the
+draft count per batch size that are fastest here, for the plugin to use by default.
+
+1. Acceptance: an engine verifies a probe tree (every rank up to `--probe-ranks` at each
+   depth, below the chain of best guesses) on held-out prompts, greedy; the debug records
+   (`vllm_medusa.debug`) give, per head depth d and rank r, how often the rank-r token of head
+   d was the target's when the path above it had been accepted.
+2. Trees: for each size n, the n most probable paths (`tree.best_tree`). They are nested, so
+   one tree in that order serves every size: its first n nodes are the best n-node tree.
+3. Step cost: for each size n (0: no speculation) an engine with that tree decodes batches of
+   B requests; the decode time and vLLM's acceptance counters give the time of one step.
+4. Choice: predicted tokens/s = B x expected acceptance length (from step 1) / step time.
+   Per batch size the fastest n wins, but only if it beats no speculation by `--margin`.
+
+The result is written beside the heads (`medusa_calibration.json`), with what it was
+measured on; engines that name those heads and set no tree or schedule of their own use it
+(`patches/speculative_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CALIBRATION_FILE = "medusa_calibration.json"
+FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+# vLLM caps a schedule's last range at the engine's max_num_seqs.
+LAST_BATCH_SIZE = 1024
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used as written."""
+
+
+@dataclass
+class Calibration:
+    heads_fingerprint: str  # see `heads_fingerprint`
+    model: dict[str, Any]  # the target: architecture, hidden size, vocabulary, layers
+    dtype: str  # the model's dtype in the engines measured, e.g. "float32"
+    device: str  # "cpu", "cuda", ...
+    machine: dict[str, Any]  # where it was measured, for the reader
+    acceptance: list[list[float]]  # [depth][rank]: rate of the rank-r token of head d
+    tree: list[list[int]]  # most probable paths first: its first n nodes are the best n-tree
+    schedule: list[list[int]]  # [[first batch size, last batch size, draft nodes], ...]
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    version: int = FORMAT_VERSION
+
+
+def heads_fingerprint(heads_dir: str | os.PathLike) -> str:
+    """What identifies a heads folder: its config and its weight files' names and sizes."""
+    folder = Path(heads_dir)
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for path in sorted(folder.iterdir()):
+        if path.suffix in WEIGHT_SUFFIXES:
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(hf_config: Any) -> dict[str, Any]:
+    return {
+        "architecture": (getattr(hf_config, "architectures", None) or ["?"])[0],
+        "hidden_size": int(hf_config.hidden_size),
+        "vocab_size": int(hf_config.vocab_size),
+        "num_layers": int(getattr(hf_config, "num_hidden_layers", 0)),
+    }
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """Read and check a calibration file; CalibrationError names what is wrong."""
+    from vllm_medusa.tree import TreeError, build_tree
+
+    where = str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CalibrationError(
+            f"Medusa calibration {where!r} cannot be read as JSON ({e}): "
+            "run vllm-medusa calibrate again or delete the file"
+        ) from None
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        raise CalibrationError(
+            f"Medusa calibration {where!r} is not a version-{FORMAT_VERSION} calibration: "
+            "run vllm-medusa calibrate again or delete the file"
+        )
+    try:
+        calibration = Calibration(**data)
+        tree = build_tree(calibration.tree, name="calibrated", ordered=True)
+        _check_schedule(calibration.schedule, tree.num_nodes)
+    except (TypeError, TreeError, ValueError) as e:
+        raise CalibrationError(
+            f"Medusa calibration {where!r} is malformed ({e}): "
+            "run vllm-medusa calibrate again or delete the file"
+        ) from None
+    return calibration
+
+
+def _check_schedule(schedule: Any, num_nodes: int) -> None:
+    if not isinstance(schedule, list) or not schedule:
+        raise ValueError("schedule must be a non-empty list of [first, last, drafts]")
+    for entry in schedule:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or not all(isinstance(v, int) for v in entry)
+            or not 1 <= entry[0] <= entry[1]
+            or not 0 <= entry[2] <= num_nodes
+        ):
+            raise ValueError(f"schedule entry {entry!r} is not [first, last, drafts <= tree]")
+
+
+def mismatch(
+    calibration: Calibration, heads_dir: str, model: dict[str, Any], dtype: str, device: str
+) -> str | None:
+    """Why this calibration does not describe these heads, model, dtype and device (None: it
+    does)."""
+    if calibration.heads_fingerprint != heads_fingerprint(heads_dir):
+        return "the heads changed since it was measured"
+    if calibration.model != model:
+        return f"it was measured for another model ({calibration.model}, not {model})"
+    if calibration.dtype != dtype:
+        return f"it was measured in {calibration.dtype}, this engine runs {dtype}"
+    if calibration.device != device:
+        return f"it was measured on {calibration.device}, this engine runs on {device}"
+    return None
+
+
+def machine_description() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "measured": time.strftime("%Y-%m-%d"),
+    }
+
+
+def probe_paths(depth: int, ranks: int) -> list[list[int]]:
+    """Every rank below the chain of best guesses, at every depth: [r], [0, r], [0, 0, r]..."""
+    return [[0] * d + [r] for d in range(depth) for r in range(ranks)]
+
+
+def acceptance_from_records(
+    records: list[dict[str, Any]], depth: int, ranks: int
+) -> list[list[float]]:
+    """[depth][rank] acceptance rates from debug records of one tree (0 where untried)."""
+    from vllm_medusa.debug import AcceptanceTable
+    from vllm_medusa.tree import build_tree
+
+    table = AcceptanceTable()
+    for record in records:
+        tree = build_tree([d["path"] for d in record["drafted"]])
+        table.add(tree, len(record["drafted"]), record["accepted_nodes"])
+    return [[table.rate(d + 1, r) or 0.0 for r in range(ranks)] for d in range(depth)]
+
+
+def choose_schedule(
+    predicted: dict[tuple[int, int], float], batch_sizes: list[int], margin: float
+) -> list[list[int]]:
+    """Per measured batch size the draft count with the highest predicted tokens/s, if it
+    beats no speculation (0 drafts) by `margin`; each holds up to the next batch size."""
+    schedule = []
+    sizes = sorted({n for _, n in predicted})
+    for i, b in enumerate(sorted(batch_sizes)):
+        best = max(sizes, key=lambda n: predicted[(b, n)])
+        if predicted[(b, best)] < margin * predicted[(b, 0)]:
+            best = 0
+        last = sorted(batch_sizes)[i + 1] - 1 if i + 1 < len(batch_sizes) else LAST_BATCH_SIZE
+        schedule.append([b, last, best])
+    return schedule
+
+
+@dataclass
+class _Engine:
+    """One calibration engine: the model, the heads with a given tree, or no speculation."""
+
+    model: str
+    heads: str
+    dtype: str
+    tree: list[list[int]] | None  # None: no speculation
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __enter__(self):
+        from vllm import LLM
+
+        from vllm_medusa.engine import engine_kwargs, medusa_config
+        from vllm_medusa.tree import tree_setting
+
+        spec = None
+        if self.tree is not None:
+            spec = medusa_config(self.heads, num_speculative_tokens=len(self.tree))
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            with tree_setting(json.dumps(self.tree) if self.tree else None):
+                self.llm = LLM(
+                    model=self.model,
+                    speculative_config=spec,
+                    **engine_kwargs(dtype=self.dtype, enable_prefix_caching=False),
+                )
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return self.llm
+
+    def __exit__(self, *exc):
+        from vllm_medusa.engine import shutdown
+
+        shutdown(self.llm)
+
+
+def _chat(llm, prompts: list[str], max_tokens: int) -> float:
+    """Seconds to answer `prompts` in one batch, greedy, exactly `max_tokens` tokens each."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def measure_acceptance(
+    model: str, heads: str, dtype: str, prompts: list[str], depth: int, ranks: int, tokens: int
+) -> list[list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        records_path = Path(tmp) / "steps.jsonl"
+        env = {"VLLM_MEDUSA_DEBUG": "1", "VLLM_MEDUSA_DEBUG_FILE": str(records_path)}
+        env["VLLM_MEDUSA_DEBUG_EVERY"] = str(10**9)  # the table is computed here
+        with _Engine(model, heads, dtype, probe_paths(depth, ranks), env) as llm:
+            from vllm import SamplingParams
+
+            conversations = [[{"role": "user", "content": p}] for p in prompts]
+            llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=tokens))
+        records = [json.loads(line) for line in records_path.read_text().splitlines()]
+    return acceptance_from_records(records, depth, ranks)
+
+
+def measure_steps(
+    llm, n: int, batch_sizes: list[int], prompts: list[str], tokens: int, rounds: int, progress
+) -> dict[int, dict[str, float]]:
+    """Per batch size B: the time of one decode step with B requests of n draft nodes each,
+    and the decode tokens/s measured. Each round decodes B requests of `tokens` tokens (EOS
+    ignored) after timing their prefill alone; rounds use different prompts."""
+    from vllm_medusa.metrics import spec_decode_stats
+
+    results = {}
+    for b in batch_sizes:
+        decode = steps = 0.0
+        before = spec_decode_stats(llm)
+        accept_before = before
+        for i in range(max(1, rounds // b)):
+            batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
+            prefill = _chat(llm, batch, 1)
+            decode += max(_chat(llm, batch, tokens) - prefill, 1e-6)
+            if n == 0:
+                steps += tokens - 1
+            else:  # vLLM counts one draft per request and step
+                after = spec_decode_stats(llm)
+                steps += (after.num_drafts - before.num_drafts) / b
+                before = after
+        stats = spec_decode_stats(llm).minus(accept_before)
+        results[b] = {
+            "step_ms": 1000 * decode / steps,
+            "measured_tok_s": max(1, rounds // b) * b * (tokens - 1) / decode,
+            "measured_acceptance": stats.mean_acceptance_length if n else 1.0,
+        }
+        progress.update(1)
+    return results
+
+
+def calibrate(args: argparse.Namespace) -> Calibration:
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    from vllm_medusa.converters import load_checkpoint
+    from vllm_medusa.distill import load_prompts
+    from vllm_medusa.tree import best_tree, expected_acceptance_length
+
+    heads = load_checkpoint(args.heads)
+    depth = min(heads.num_heads, args.max_depth)
+    split = "heldout" if args.prompts is None else None
+    prompts = [p.turns[0] for p in load_prompts(args.prompts, split=split)][: args.num_prompts]
+    batch_sizes = sorted(set(args.batch_sizes))
+    sizes = sorted(set(args.sizes))
+    progress = tqdm(total=1 + (1 + len(sizes)) * len(batch_sizes), desc="calibrating", unit="run")
+
+    acceptance = measure_acceptance(
+        args.model, args.heads, args.dtype, prompts, depth, args.probe_ranks, args.max_tokens
+    )
+    progress.update(1)
+    tree = best_tree(acceptance, max(sizes))
+    measured: dict[tuple[int, int], dict[str, float]] = {}
+    for n in [0, *sizes]:
+        paths = [list(p) for p in tree.paths[:n]] or None
+        with _Engine(args.model, args.heads, args.dtype, paths) as llm:
+            for b, row in measure_steps(
+                llm, n, batch_sizes, prompts, args.max_tokens, args.rounds, progress
+            ).items():
+                measured[(b, n)] = row
+    progress.close()
+
+    predicted = {}
+    measurements = []
+    for (b, n), row in sorted(measured.items()):
+        prefix = best_tree(acceptance, n) if n else None
+        expected = expected_acceptance_length(acceptance, prefix) if prefix else 1.0
+        predicted[(b, n)] = b * expected / (row["step_ms"] / 1000)
+        measurements.append(
+            {"batch_size": b, "draft_nodes": n, "expected_acceptance": expected,
+             "predicted_tok_s": predicted[(b, n)], **row}
+        )  # fmt: skip
+    schedule = choose_schedule(predicted, batch_sizes, args.margin)
+    nodes = max(1, max(n for _, _, n in schedule))
+    return Calibration(
+        heads_fingerprint=heads_fingerprint(args.heads),
+        model=model_identity(AutoConfig.from_pretrained(args.model)),
+        dtype=args.dtype,
+        device="cpu",
+        machine=machine_description(),
+        acceptance=[[round(v, 4) for v in row] for row in acceptance],
+        tree=[list(p) for p in tree.paths[:nodes]],
+        schedule=schedule,
+        measurements=measurements,
+    )
+
+
+def format_table(calibration: Calibration) -> str:
+    """Predicted and measured tokens/s per batch size (rows) and tree size (columns)."""
+    rows = calibration.measurements
+    sizes = sorted({m["draft_nodes"] for m in rows})
+    lines = ["batch  " + "  ".join(f"{'n=' + str(n):>15}" for n in sizes)]
+    for b in sorted({m["batch_size"] for m in rows}):
+        cells = []
+        for n in sizes:
+            m = next(m for m in rows if m["batch_size"] == b and m["draft_nodes"] == n)
+            cells.append(f"{m['predicted_tok_s']:7.1f}/{m['measured_tok_s']:<7.1f}")
+        lines.append(f"{b:>5}  " + "  ".join(cells))
+    lines.append("(predicted/measured decode tokens/s; n = draft nodes per request, 0 = none)")
+    lines.append(f"schedule [[first batch size, last, draft nodes]]: {calibration.schedule}")
+    lines.append(f"tree: {calibration.tree}")
+    return "\n".join(lines)
+
+
+def write_plot(calibration: Calibration, path: Path) -> bool:
+    """Predicted (dashed) and measured (solid) tokens/s against tree size, one colour per
+    batch size. False where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for b in sorted({m["batch_size"] for m in calibration.measurements}):
+        rows = sorted(
+            (m for m in calibration.measurements if m["batch_size"] == b),
+            key=lambda m: m["draft_nodes"],
+        )
+        x = [m["draft_nodes"] for m in rows]
+        line = axes.plot(x, [m["measured_tok_s"] for m in rows], marker="o", label=f"batch {b}")
+        axes.plot(x, [m["predicted_tok_s"] for m in rows], "--", color=line[0].get_color())
+    axes.set_xlabel("draft nodes per request (tree size)")
+    axes.set_ylabel("decode tokens/s")
+    axes.set_yscale("log")
+    axes.set_title("measured (solid) and predicted (dashed)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_medusa.default_model import default_model_path
+
+    p = argparse.ArgumentParser(prog="vllm-medusa calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--heads", required=True, help="Medusa heads folder")
+    p.add_argument("--model", default=str(default_model_path()))
+    p.add_argument("--prompts", help="JSON-lines prompts (default: the built-in held-out set)")
+    p.add_argument("--out", help=f"output file (default: HEADS/{CALIBRATION_FILE})")
+    p.add_argument("--dtype", default="float32", help="the dtype engines will run in")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 6, 8])
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request measured")
+    p.add_argument(
+        "--rounds", type=int, default=4, help="requests per batch size: max(1, ROUNDS / B) batches"
+    )
+    p.add_argument("--probe-ranks", type=int, default=6)
+    p.add_argument("--max-depth", type=int, default=4)
+    p.add_argument("--margin", type=float, default=1.05)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    heads_dir = Path(args.heads)
+    if not heads_dir.is_dir():
+        print(f"vllm-medusa calibrate: heads folder {str(heads_dir)!r} does not exist")
+        return 2
+    if min(args.sizes) < 1 or min(args.batch_sizes) < 1:
+        print("vllm-medusa calibrate: --sizes and --batch-sizes must be at least 1")
+        return 2
+    out = Path(args.out) if args.out else heads_dir / CALIBRATION_FILE
+    calibration = calibrate(args)
+    # Written whole or not at all: a reader never sees half a file.
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(asdict(calibration), indent=1))
+    partial.replace(out)
+    print(format_table(calibration))
+    plot = out.with_suffix(".png")
+    if write_plot(calibration, plot):
+        print(f"plot: {plot}")
+    else:
+        print("plot: not written (install matplotlib for it)")
+    print(f"calibration: {out}")
+    return 0
