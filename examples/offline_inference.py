@@ -1,9 +1,9 @@
 """Medusa speculative decoding with vLLM's offline `LLM` API.
 
 With vllm-medusa installed, the only change to a vLLM program is `speculative_config`. This
-runs the default model with the heads shipped for it (a chain of 4 heads, or the tree
-given with --tree), then the same prompts without speculation, and shows that greedy output
-is identical while more tokens come per step.
+runs the default model with the heads shipped for it (at their calibrated settings, or the
+tree given with --tree), then the same prompts without speculation, and shows that greedy
+output is identical while more tokens come per step.
 
     python examples/offline_inference.py [--model DIR] [--heads DIR] [--tree TREE]
 

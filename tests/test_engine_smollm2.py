@@ -71,9 +71,10 @@ def test_greedy_output_identical_to_no_speculation(reference, medusa_run, batch)
 def test_shipped_heads_accepted_on_heldout_prompts(medusa_run):
     _, stats = medusa_run
     assert stats.num_drafts > 0
-    # Chain of 4 heads on prompts the heads never saw in training. A mis-loaded or
-    # mis-sized checkpoint gives ~1.0 and an untrained head ~0 accepted first drafts; the
-    # shipped heads are measured at 1.29 with head 0 accepted about a quarter of the time.
+    # The shipped heads at their defaults (their calibration: a 2-node tree when a request
+    # runs alone, no drafts in larger batches) on prompts they never saw in training. A
+    # mis-loaded or mis-sized checkpoint gives ~1.0 and an untrained head ~0 accepted first
+    # drafts; the calibration expects 1.31, with a first-level node accepted 30 % of the time.
     assert stats.mean_acceptance_length >= 1.2, stats.as_dict()
     assert stats.accepted_per_position[0] >= 0.15 * stats.num_drafts, stats.as_dict()
 

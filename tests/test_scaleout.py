@@ -116,12 +116,13 @@ def test_ray_replicas_each_match_single_engine_without_speculation(
     expected = reference_token_ids(smollm2_dir, prompts)
     init_local_ray(num_cpus=2)
     try:
-        replicas = start_replicas(
-            2,
-            str(smollm2_dir),
-            medusa_config(default_heads_path(), num_speculative_tokens=4),
-            SMALL_ENGINE,
-        )
+        # A chain of 4 at every batch size (the shipped heads' calibration drafts only alone):
+        # each replica answers its prompts as one batch.
+        spec = {
+            **medusa_config(default_heads_path(), num_speculative_tokens=4),
+            "num_speculative_tokens_per_batch_size": [[1, 1024, 4]],
+        }
+        replicas = start_replicas(2, str(smollm2_dir), spec, SMALL_ENGINE)
         each = ray.get([rep.chat_greedy.remote(prompts, MAX_TOKENS) for rep in replicas])
         spread = chat_greedy_spread(replicas, prompts, MAX_TOKENS)
         stats = ray.get([rep.spec_decode.remote() for rep in replicas])

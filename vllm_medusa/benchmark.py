@@ -1,11 +1,12 @@
 """`vllm-medusa bench`: tokens/s and acceptance length, with and without Medusa.
 
 Engines on the same prompts: no speculation, vLLM's built-in Medusa (this plugin disabled
-through `VLLM_PLUGINS`), this plugin with a chain of k heads, and this plugin with a tree
-(`--tree`), each in its own process so that one engine's plugin state or memory never
-touches another's. Batch size b means b requests in flight: the prompts go in groups of b,
-one group after another (b=1: one prompt at a time). `--spec-schedule` hands the plugin's
-engines vLLM's `num_speculative_tokens_per_batch_size`. Greedy runs' outputs are compared with the
+through `VLLM_PLUGINS`), this plugin at the heads' defaults (`plugin`: their calibration, if
+any), with a chain of k heads, and with a tree (`--tree`), each in its own process so that
+one engine's plugin state or memory never touches another's. Batch size b means b requests
+in flight: the prompts go in groups of b, one group after another (b=1: one prompt at a
+time). `--spec-schedule` hands the plugin's chain and tree engines vLLM's
+`num_speculative_tokens_per_batch_size`. Greedy runs' outputs are compared with the
 no-speculation outputs. Sampled runs (`--temperatures 0.7 1.0`, with `--top-p`) are reported
 apart from greedy ones, with the target's mean log-probability of the sampled tokens: the same
 as without speculation (within sampling noise) when verification is exact; typical acceptance
@@ -30,7 +31,9 @@ from vllm_medusa.heads import default_heads_path
 from vllm_medusa.tree import TREE_ENV
 from vllm_medusa.typical import TYPICAL_ENV
 
-DEFAULT_CONFIGS = ("none", "vllm-medusa-builtin", "plugin-chain", "plugin-tree")
+# "plugin": the heads with nothing but num_speculative_tokens, so a calibration beside them
+# (vllm-medusa calibrate) decides.
+DEFAULT_CONFIGS = ("none", "vllm-medusa-builtin", "plugin", "plugin-chain", "plugin-tree")
 # Typical acceptance (not exact) on the plugin's chain and tree: VLLM_MEDUSA_TYPICAL=1.
 CONFIGS = (*DEFAULT_CONFIGS, "plugin-chain-typical", "plugin-tree-typical")
 
@@ -46,7 +49,7 @@ def _worker(args: argparse.Namespace) -> int:
     prompts = [p.turns[0] for p in load_prompts(args.prompts, split=args.split)]
     prompts = prompts[: args.num_prompts]
     spec = None if args.config == "none" else medusa_config(args.heads, args.k)
-    if spec and args.spec_schedule and args.config.startswith("plugin"):
+    if spec and args.spec_schedule and args.config.startswith("plugin-"):
         spec["num_speculative_tokens_per_batch_size"] = json.loads(args.spec_schedule)
     llm = LLM(
         model=args.model,
@@ -219,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=4, help="chain length (heads used by the chains)")
     p.add_argument(
         "--tree",
-        default=None,
+        default="[[0],[1],[2],[0,0],[1,0]]",
         help="tree for plugin-tree: a name, chain:K, a JSON list or a .json file "
-        "(default: the heads' config.json medusa_choices)",
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--spec-schedule",
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM's own Medusa
             elif config.startswith("plugin-chain"):
                 env[TREE_ENV] = f"chain:{args.k}"
-            elif config.startswith("plugin-tree") and args.tree:
+            elif config.startswith("plugin-tree"):
                 env[TREE_ENV] = args.tree
             if config.endswith("-typical"):
                 env[TYPICAL_ENV] = "1"

@@ -248,13 +248,13 @@ def measure_acceptance(
 ) -> list[list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "steps.jsonl"
-        env = {"VLLM_MEDUSA_DEBUG": "1", "VLLM_MEDUSA_DEBUG_FILE": str(records_path)}
-        env["VLLM_MEDUSA_DEBUG_EVERY"] = str(10**9)  # the table is computed here
+        env = {"VLLM_MEDUSA_DEBUG_FILE": str(records_path)}
         with _Engine(model, heads, dtype, probe_paths(depth, ranks), env) as llm:
             from vllm import SamplingParams
 
             conversations = [[{"role": "user", "content": p}] for p in prompts]
-            llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=tokens))
+            params = SamplingParams(temperature=0.0, max_tokens=tokens)
+            llm.chat(conversations, params, use_tqdm=False)
         records = [json.loads(line) for line in records_path.read_text().splitlines()]
     return acceptance_from_records(records, depth, ranks)
 

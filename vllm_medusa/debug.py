@@ -6,7 +6,8 @@ token and the head's probability of that token) and the accepted path; every
 and rank r, how often the rank-r token of head d was the target's token when the path above
 it had been accepted (accepted / tried). That is the table a tree is chosen from: a node's
 expected contribution to the acceptance length is the product of these rates along its path.
-`VLLM_MEDUSA_DEBUG_FILE=PATH` also appends each step's records to PATH as JSON lines.
+`VLLM_MEDUSA_DEBUG_FILE=PATH` appends each step's records to PATH as JSON lines (with or
+without the log lines).
 
 Only drafts the plugin verifies itself are counted (trees everywhere, chains on the CPU).
 """
@@ -31,8 +32,13 @@ EVERY_ENV = "VLLM_MEDUSA_DEBUG_EVERY"
 FILE_ENV = "VLLM_MEDUSA_DEBUG_FILE"
 
 
-def debug_enabled() -> bool:
+def _log_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "0") not in ("", "0", "false", "False")
+
+
+def debug_enabled() -> bool:
+    """Whether drafts are recorded at all: for the log, a file, or both."""
+    return _log_enabled() or bool(os.environ.get(FILE_ENV))
 
 
 class AcceptanceTable:
@@ -97,6 +103,7 @@ class DraftDebug:
         self.every = every or int(os.environ.get(EVERY_ENV, "100"))
         self.steps = 0
         self.path = os.environ.get(FILE_ENV) or None
+        self.log = _log_enabled()
         self._probs: dict[str, list[float]] = {}  # request id -> its drafts' probabilities
 
     def record_drafts(self, req_ids: Sequence[str], probs: torch.Tensor) -> None:
@@ -134,6 +141,8 @@ class DraftDebug:
                 {"step": self.steps, "request": req_id, "drafted": drafted,
                  "accepted_nodes": list(nodes), "accepted_tokens": path}
             )  # fmt: skip
+            if not self.log:
+                continue
             logger.info(
                 "vllm-medusa debug step %d request %s: drafted %s; accepted nodes %s tokens %s",
                 self.steps,
@@ -145,7 +154,7 @@ class DraftDebug:
         if self.path and records:
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-        if self.steps % self.every == 0:
+        if self.log and self.steps % self.every == 0:
             logger.info(
                 "vllm-medusa debug: acceptance per head depth and rank after %d steps "
                 "(accepted/tried rate, tried = the path above was accepted):\n%s",
