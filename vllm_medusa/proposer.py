@@ -3,11 +3,16 @@
 Per step the runner hands over each request's hidden state at its last accepted token; the
 proposer turns them into draft tokens. Without a tree: the argmax of each of the first
 `num_speculative_tokens` heads, one chain per request. With a tree: each node's token is its
-head's candidate of the node's rank, in the tree's breadth-first order.
+head's candidate of the node's rank, in the tree's order. With per-request drafting
+(`vllm_medusa.drafting`: copy branches, confidence pruning) each request gets a tree of its
+own instead (`propose_trees`).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn as nn
 from vllm.logger import init_logger
@@ -15,6 +20,8 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
 from vllm_medusa.debug import debug_enabled
+from vllm_medusa.draft_tree import DraftTree, request_tree
+from vllm_medusa.drafting import drafting_of_heads
 from vllm_medusa.model import MedusaHeads
 from vllm_medusa.tree import (
     MedusaTree,
@@ -41,9 +48,12 @@ class MedusaProposer(VllmMedusaProposer):
                 chain_paths(self.num_speculative_tokens),
                 name=f"chain:{self.num_speculative_tokens}",
             )
-        # With VLLM_MEDUSA_DEBUG: [num_reqs, drafts] the heads' probability of each draft.
+        self.drafting = drafting_of_heads(heads)
+        # With VLLM_MEDUSA_DEBUG: per request, the heads' probability of each draft (None for
+        # a node only the copy branch proposed), and how many nodes pruning dropped.
         self.debug = debug_enabled()
-        self.last_draft_probs: torch.Tensor | None = None
+        self.last_draft_probs: torch.Tensor | list[list[float | None]] | None = None
+        self.last_pruned: list[int] | None = None
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
@@ -67,6 +77,8 @@ class MedusaProposer(VllmMedusaProposer):
             "shared target" if self.model.original_lm_head else "own",
             self.tree.describe() if self.tree else f"chain of {self.num_speculative_tokens}",
         )
+        if self.drafting.per_request:
+            logger.info("vllm-medusa: per-request trees, %s", self.drafting)
 
     @torch.inference_mode()
     def propose(
@@ -103,6 +115,64 @@ class MedusaProposer(VllmMedusaProposer):
             drafted = logprobs.gather(-1, drafts.transpose(0, 1).unsqueeze(-1)).squeeze(-1)
             self.last_draft_probs = drafted.exp().transpose(0, 1)  # [num_reqs, drafts]
         return drafts
+
+    @torch.inference_mode()
+    def propose_trees(
+        self,
+        num_speculative_tokens: int,
+        target_hidden_states: torch.Tensor,  # [num_reqs, hidden]
+        copies: list[np.ndarray],  # per request: its copy branch's tokens (may be empty)
+    ) -> tuple[list[DraftTree], list[list[int]]]:
+        """Each request's own tree and draft tokens: the first `num_speculative_tokens`
+        nodes of the static tree whose path probability under the heads passes the pruning
+        threshold, then the request's copy branch (`vllm_medusa.draft_tree.request_tree`)."""
+        assert self.tree is not None
+        num_reqs = target_hidden_states.shape[0]
+        if num_speculative_tokens == 0:
+            return [self.tree.draft_tree.prefix(0)] * num_reqs, [[] for _ in range(num_reqs)]
+        candidates = self.tree.draft_tree.prefix(num_speculative_tokens)
+        n = candidates.num_nodes
+        head_states = torch.stack(self.model(target_hidden_states))  # [heads, num_reqs, hidden]
+        logits = self.model.stacked_logits(head_states).float()  # [heads, num_reqs, vocab]
+        top = logits.topk(self.tree.top_k, dim=-1)
+        top_logprobs = top.values - logits.logsumexp(dim=-1, keepdim=True)  # [heads, R, top_k]
+        heads, ranks = self.tree.heads[:n], self.tree.ranks[:n]
+        tokens = top.indices[heads, :, ranks]  # [n, num_reqs]
+        node_logprobs = top_logprobs[heads, :, ranks]  # [n, num_reqs]
+        # [n, n] node i on node j's path (itself included): path log-probabilities in one matmul
+        on_path = self._on_path(n)
+        path_logprobs = on_path @ node_logprobs  # [n, num_reqs]
+        threshold = self.drafting.prune_below
+        keep = (path_logprobs >= math.log(threshold)) if threshold > 0 else None
+        tokens_per_request = tokens.T.tolist()
+        keep_per_request = [[True] * n] * num_reqs if keep is None else keep.T.tolist()
+        probs_per_request = node_logprobs.exp().T.tolist() if self.debug else None
+        trees, drafts = [], []
+        for r in range(num_reqs):
+            tree, request_drafts = request_tree(
+                candidates, tokens_per_request[r], keep_per_request[r], copies[r].tolist()
+            )
+            trees.append(tree)
+            drafts.append(request_drafts)
+        if probs_per_request is not None:
+            kept = [
+                [p for p, k in zip(probs, keeps, strict=True) if k]
+                for probs, keeps in zip(probs_per_request, keep_per_request, strict=True)
+            ]
+            self.last_draft_probs = [
+                row + [None] * (tree.num_nodes - len(row))
+                for row, tree in zip(kept, trees, strict=True)
+            ]
+            self.last_pruned = [n - len(row) for row in kept]
+        return trees, drafts
+
+    def _on_path(self, num_nodes: int) -> torch.Tensor:
+        """[n, n] float: 1 where column i is row j's node or one of its ancestors."""
+        cache = self.__dict__.setdefault("_on_path_cache", {})
+        if num_nodes not in cache:
+            mask = self.tree.draft_tree.prefix(num_nodes).attention_mask[1:, 1:]
+            cache[num_nodes] = mask.float().to(self.device)
+        return cache[num_nodes]
 
 
 def _check_tree_attention(vllm_config) -> str:

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_medusa.draft_tree import DraftTree, static_draft_tree
+
 # FasterDecoding chooses each node among a head's 10 best tokens.
 TOP_K_LIMIT = 10
 # vLLM 0.32's rejection sampler verifies at most this many drafts per request.
@@ -144,6 +146,11 @@ class MedusaTree:
                 node = int(self.parents[node])
             rows.append(row[::-1] + [-1] * (self.depth + 1 - len(row)))
         return torch.tensor(rows, dtype=torch.long)
+
+    @cached_property
+    def draft_tree(self) -> DraftTree:
+        """The tree as every request drafts it when requests have no trees of their own."""
+        return static_draft_tree(self.paths, self.parents)
 
     def describe(self) -> str:
         kind = "chain" if self.is_chain else "tree"

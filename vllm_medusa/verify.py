@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_medusa.draft_tree import DraftTree
 from vllm_medusa.tree import MedusaTree
 from vllm_medusa.tree_attention import KVLayout
 
@@ -84,16 +85,26 @@ def request_layout(
     return row_starts[:-1], drafts
 
 
+def request_trees(
+    tree: MedusaTree | Sequence[DraftTree], num_drafts: Sequence[int]
+) -> list[DraftTree]:
+    """Each request's tree as scheduled: its first n_i nodes (a static tree: its prefix)."""
+    if isinstance(tree, MedusaTree):
+        return [tree.draft_tree.prefix(n) for n in num_drafts]
+    return [t.prefix(n) for t, n in zip(tree, num_drafts, strict=True)]
+
+
 def walk_trees(
     sample_level: LevelSampler,
-    tree: MedusaTree,
+    tree: MedusaTree | Sequence[DraftTree],  # one static tree, or each request's own
     logits: torch.Tensor,  # [sum(n_i + 1), vocab]: each request's root row, then its nodes
-    num_drafts: Sequence[int],  # n_i: draft nodes scheduled per request (a breadth-first prefix)
+    num_drafts: Sequence[int],  # n_i: draft nodes scheduled per request (a prefix of its tree)
     draft_token_ids: torch.Tensor,  # [sum(n_i)] the nodes' tokens
     max_accepted: Sequence[int] | None = None,  # per request: most drafts it may accept
     skip: Container[int] = (),  # requests left out: they draw nothing and emit nothing here
 ) -> TreeWalk:
     num_reqs = len(num_drafts)
+    trees = request_trees(tree, num_drafts)
     row_starts, drafts = request_layout(num_drafts, draft_token_ids)
     caps = list(num_drafts) if max_accepted is None else list(max_accepted)
 
@@ -111,7 +122,7 @@ def walk_trees(
             if not active[r]:
                 continue
             tokens[r].append(y)
-            child = _child_with_token(tree, node[r], y, drafts[r])
+            child = _child_with_token(trees[r], node[r], y, drafts[r])
             if child is None or len(nodes[r]) >= caps[r]:
                 active[r] = False
             else:
@@ -120,11 +131,12 @@ def walk_trees(
     return TreeWalk(tokens=tokens, nodes=nodes, level_logprobs=level_logprobs)
 
 
-def _child_with_token(tree: MedusaTree, node: int, token: int, drafts: list[int]) -> int | None:
-    """The child of `node` (among the request's scheduled nodes, whose tokens are `drafts`)
-    whose token is `token`; a node's children are distinct tokens (ranks of one head)."""
+def _child_with_token(tree: DraftTree, node: int, token: int, drafts: list[int]) -> int | None:
+    """The child of `node` whose token is `token` (the request's scheduled drafts are
+    `drafts`); a node's children are distinct tokens (ranks of one head, a copy branch merged
+    into the node it agrees with)."""
     for child in tree.children[node]:
-        if child <= len(drafts) and drafts[child - 1] == token:
+        if drafts[child - 1] == token:
             return child
     return None
 
@@ -204,8 +216,9 @@ def kv_moves(
     """(source slots, destination slots): the i-th accepted node's keys and values go where
     the token at position context + i lives, so the next step reads them in order.
 
-    Breadth-first order puts the i-th accepted node at index >= i, growing with i, so no
-    destination is the source of a later move; the caller copies all sources first anyway.
+    Every node comes after its parent, so the i-th accepted node is at index >= i, growing
+    with i: no destination is the source of a later move; the caller copies all sources
+    first anyway.
     """
     src: list[int] = []
     dst: list[int] = []

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from vllm_medusa.debug import DraftDebug, debug_enabled
+from vllm_medusa.draft_tree import DraftTree, chain_tree
+from vllm_medusa.drafting import copy_branches
 from vllm_medusa.tree import MedusaTree
 from vllm_medusa.tree_attention import (
     KVLayout,
@@ -54,6 +56,7 @@ from vllm_medusa.verify import (
     level_sampler,
     processed_logprobs,
     request_layout,
+    request_trees,
     stack_logprobs,
     walk_trees,
 )
@@ -71,28 +74,49 @@ def _verified_tree(runner: Any) -> MedusaTree | None:
     return getattr(getattr(runner, "drafter", None), "verified_tree", None)
 
 
-def _publish_tree_step(runner: Any, tree: MedusaTree, num_draft_tokens: list[int]) -> None:
+def _step_trees(runner: Any, num_draft_tokens: list[int]) -> list[DraftTree]:
+    """Each request's tree as scheduled this step: the first n_i nodes of the tree its drafts
+    were proposed with (its own, with per-request drafting; else the drafter's)."""
+    drafter = runner.drafter
+    if not drafter.drafting.per_request:
+        return request_trees(_verified_tree(runner), num_draft_tokens)
+    own = _request_trees(runner)
+    trees = []
+    for req_id, n in zip(runner.input_batch.req_ids, num_draft_tokens, strict=False):
+        tree = own.get(req_id)
+        # Drafts not proposed with a tree of their own are verified as the chain they are
+        # written as: exact whatever they are, since the mask follows the same reading.
+        trees.append(tree.prefix(n) if tree is not None and tree.num_nodes >= n else chain_tree(n))
+    return trees
+
+
+def _request_trees(runner: Any) -> dict[str, DraftTree]:
+    """Request id -> the tree its pending drafts were proposed with."""
+    if not hasattr(runner, "_medusa_request_trees"):
+        runner._medusa_request_trees = {}
+    return runner._medusa_request_trees
+
+
+def _publish_tree_step(runner: Any, trees: list[DraftTree]) -> None:
     """Depth positions for the tree tokens, and the tree requests for the attention layers."""
     query_start = runner.query_start_loc.np
     computed = runner.input_batch.num_computed_tokens_cpu
     sequences = []
-    for req_index, num_drafts in enumerate(num_draft_tokens):
-        if num_drafts == 0:
+    for req_index, tree in enumerate(trees):
+        if tree.num_nodes == 0:
             continue
         start, context = int(query_start[req_index]), int(computed[req_index])
-        num_tokens = num_drafts + 1
-        runner.positions[start : start + num_tokens] = torch.from_numpy(
-            context + tree.depths[:num_tokens]
-        )
+        num_tokens = tree.num_nodes + 1
+        runner.positions[start : start + num_tokens] = torch.from_numpy(context + tree.depths)
         sequences.append(
             TreeSequence(
                 req_index=req_index,
                 token_start=start,
                 context_len=context,
-                node_mask=tree.attention_mask[:num_tokens, :num_tokens],
+                node_mask=tree.attention_mask,
             )
         )
-    num_reqs = len(num_draft_tokens)
+    num_reqs = len(trees)
     query_starts = query_start[: num_reqs + 1].tolist()
     set_tree_step(TreeStep(sequences, query_starts) if sequences else None)
 
@@ -127,16 +151,17 @@ def _draft_limits(sampling_metadata: Any, num_drafts: list[int]) -> list[int]:
     return limits
 
 
-def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metadata: Any):
+def _sample_tree(runner: Any, logits: torch.Tensor, spec_metadata: Any):
     from vllm.v1.outputs import SamplerOutput
 
     num_drafts = spec_metadata.num_draft_tokens
+    trees = _step_trees(runner, num_drafts)
     sampling_metadata = runner.input_batch.sampling_metadata
     limits = _draft_limits(sampling_metadata, num_drafts)
     typical = _typical_requests(runner, len(num_drafts))
     walk = walk_trees(
         level_sampler(runner.sampler, sampling_metadata),
-        tree,
+        trees,
         logits,
         num_drafts,
         spec_metadata.draft_token_ids,
@@ -144,13 +169,13 @@ def _sample_tree(runner: Any, tree: MedusaTree, logits: torch.Tensor, spec_metad
         skip=typical,  # walked below instead
     )
     if typical:
-        _walk_typical(runner, walk, tree, logits, num_drafts, spec_metadata, typical, limits)
+        _walk_typical(runner, walk, trees, logits, num_drafts, spec_metadata, typical, limits)
     width = max(num_drafts) + 1
     runner._medusa_last_nodes = walk.last_nodes
     debug = _debug(runner)
     if debug is not None:
         debug.record_step(
-            tree,
+            trees,
             runner.input_batch.req_ids[: len(num_drafts)],
             num_drafts,
             request_layout(num_drafts, spec_metadata.draft_token_ids)[1],
@@ -194,7 +219,7 @@ def _typical_requests(runner: Any, num_reqs: int) -> dict[int, Typical]:
 def _walk_typical(
     runner: Any,
     walk: Any,
-    tree: MedusaTree,
+    trees: list[DraftTree],
     logits: torch.Tensor,  # [sum(n_i + 1), vocab]
     num_drafts: list[int],
     spec_metadata: Any,
@@ -213,13 +238,13 @@ def _walk_typical(
             rows = [s + (node if node <= n else 0) for s, n in zip(starts, num_drafts, strict=True)]
             paths = [
                 [t[a - 1] for a in tree.ancestry(node)] if node <= n else []
-                for t, n in zip(tokens, num_drafts, strict=True)
+                for t, n, tree in zip(tokens, num_drafts, trees, strict=True)
             ]
             per_node[node] = compute(logits[torch.tensor(rows)], paths)
         return per_node[node]
 
     for r, setting in typical.items():
-        nodes = typical_nodes(tree, lambda j, r=r: logprobs_at(j)[r], tokens[r], setting)
+        nodes = typical_nodes(trees[r], lambda j, r=r: logprobs_at(j)[r], tokens[r], setting)
         nodes = nodes[: limits[r]]
         end = nodes[-1] if nodes else 0
         generator = sampling_metadata.generators.get(r)
@@ -269,18 +294,56 @@ def _discarded_draws_undone(runner: Any) -> Iterator[None]:
             generators[i].set_state(state)
 
 
-def _propose_tree(runner: Any, arguments: dict[str, Any]) -> torch.Tensor:
-    """vLLM's Medusa branch of `propose_draft_token_ids`, reading each request's hidden
-    state at its last accepted node instead of the chain's last position."""
+def _last_accepted_states(runner: Any, arguments: dict[str, Any]) -> torch.Tensor:
+    """[num_reqs, hidden] each request's hidden state at its last accepted node (vLLM's
+    Medusa reads the chain's last accepted position instead)."""
+    hidden_states = arguments["sample_hidden_states"]
+    if (
+        arguments["spec_decode_metadata"] is None
+        # No request had drafts: one hidden state per request.
+        or hidden_states.shape[0] == len(arguments["sampled_token_ids"])
+    ):
+        return hidden_states
     num_drafts = arguments["spec_decode_metadata"].num_draft_tokens
     starts = np.cumsum([0] + [n + 1 for n in num_drafts])[:-1]
     indices = torch.from_numpy(starts + np.asarray(runner._medusa_last_nodes))
+    return hidden_states[indices.to(hidden_states.device)]
+
+
+def _propose_tree(runner: Any, arguments: dict[str, Any]) -> torch.Tensor:
+    """vLLM's Medusa branch of `propose_draft_token_ids`, reading each request's hidden
+    state at its last accepted node."""
     return runner.drafter.propose(
         num_speculative_tokens=arguments["scheduler_output"].num_spec_tokens_to_schedule,
-        target_hidden_states=arguments["sample_hidden_states"][indices],
+        target_hidden_states=_last_accepted_states(runner, arguments),
         sampling_metadata=arguments["sampling_metadata"],
         slot_mappings=arguments["slot_mappings"],
     )
+
+
+def _propose_request_trees(runner: Any, arguments: dict[str, Any]) -> list[list[int]]:
+    """Per-request drafting: each request's own tree (static nodes it is sure of, its copy
+    branch), kept by request id for the step that verifies it."""
+    drafter = runner.drafter
+    budget = arguments["scheduler_output"].num_spec_tokens_to_schedule
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    copies = [np.empty(0, dtype=np.int64)] * num_reqs
+    if drafter.drafting.copy and budget > 0:
+        # After bookkeeping: each row holds the request's prompt and output so far.
+        copies = copy_branches(
+            drafter.drafting,
+            batch.token_ids_cpu,
+            batch.num_tokens_no_spec,
+            num_reqs,
+            runner.max_model_len,
+        )
+    trees, drafts = drafter.propose_trees(budget, _last_accepted_states(runner, arguments), copies)
+    own = _request_trees(runner)
+    for req_id in [r for r in own if r not in runner.requests]:
+        del own[req_id]  # finished
+    own.update(zip(batch.req_ids[:num_reqs], trees, strict=True))
+    return drafts
 
 
 def _patch_runner(runner_cls: type) -> None:
@@ -296,9 +359,9 @@ def _patch_runner(runner_cls: type) -> None:
     @functools.wraps(prepare_inputs)
     def _prepare_inputs_with_tree(self, scheduler_output, num_scheduled_tokens):
         result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
-        tree, spec_metadata = _tree(self), result[1]
-        if tree is not None and spec_metadata is not None:
-            _publish_tree_step(self, tree, spec_metadata.num_draft_tokens)
+        spec_metadata = result[1]
+        if _tree(self) is not None and spec_metadata is not None:
+            _publish_tree_step(self, _step_trees(self, spec_metadata.num_draft_tokens))
         return result
 
     @functools.wraps(sample)
@@ -308,7 +371,7 @@ def _patch_runner(runner_cls: type) -> None:
             if tree is None or spec_decode_metadata is None:
                 return sample(self, logits, spec_decode_metadata)
             self.input_batch.update_async_output_token_ids()
-            return _sample_tree(self, tree, logits, spec_decode_metadata)
+            return _sample_tree(self, logits, spec_decode_metadata)
 
     @functools.wraps(bookkeeping_sync)
     def _bookkeeping_sync_on_cpu(self, *args, **kwargs):
@@ -325,19 +388,16 @@ def _patch_runner(runner_cls: type) -> None:
     @functools.wraps(propose)
     def propose_with_tree(self, *args, **kwargs):
         arguments = propose_signature.bind(self, *args, **kwargs).arguments
-        if (
-            _tree(self) is None
-            or arguments["spec_decode_metadata"] is None
-            # No request had drafts: one hidden state per request, as for a chain.
-            or arguments["sample_hidden_states"].shape[0] == len(arguments["sampled_token_ids"])
-        ):
+        if _tree(self) is None:
             drafts = propose(self, *args, **kwargs)
+        elif self.drafter.drafting.per_request:
+            drafts = _propose_request_trees(self, arguments)
         else:
             drafts = _propose_tree(self, arguments)
         debug = _debug(self)
         probs = getattr(self.drafter, "last_draft_probs", None)
         if debug is not None and probs is not None:
-            debug.record_drafts(self.input_batch.req_ids, probs)
+            debug.record_drafts(self.input_batch.req_ids, probs, self.drafter.last_pruned)
         return drafts
 
     @functools.wraps(execute_model)

@@ -11,6 +11,10 @@ process: with a tree, `num_speculative_tokens` becomes the tree's node count (th
 scheduler makes room for per request and step), the heads' config asks for as many heads as
 the tree is deep, and the resolved tree travels on that config to the engine's processes.
 
+Per-request drafting (`vllm_medusa.drafting`: copy branches, pruning) is resolved there too:
+it makes every request verify a tree of its own, so a chain is then served as a tree, and the
+scheduler makes room for the copy branch's nodes on top of the static tree's.
+
 Where the user sets neither a tree nor `num_speculative_tokens_per_batch_size`, a calibration
 beside the heads (`vllm-medusa calibrate`) supplies both, if it was measured for these heads,
 this model, dtype and device; otherwise it is set aside with a warning.
@@ -23,13 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from vllm_medusa.calibrate import CALIBRATION_FILE, load_calibration, mismatch, model_identity
+from vllm_medusa.drafting import CONFIG_KEY as DRAFTING_KEY
+from vllm_medusa.drafting import RESOLVED_ATTR as DRAFTING_ATTR
+from vllm_medusa.drafting import Drafting, configured_drafting
+from vllm_medusa.drafting import resolved_form as drafting_form
 from vllm_medusa.tree import (
     CONFIG_KEY,
     RESOLVED_ATTR,
     MedusaTree,
     build_tree,
+    chain_paths,
     configured_tree,
     resolved_form,
+    tree_of_heads,
 )
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -68,8 +78,14 @@ def check_heads_fit_target(
         )
 
 
-def use_tree(spec_config, heads, tree: MedusaTree | None, num_heads: int) -> None:
-    """Size the speculation for `tree` (None: the chain vLLM configured)."""
+def use_tree(
+    spec_config, heads, tree: MedusaTree | None, num_heads: int, drafting: Drafting
+) -> None:
+    """Size the speculation for `tree` (None: the chain vLLM configured) and `drafting`."""
+    resolved_drafting = drafting_form(drafting)
+    if getattr(heads, DRAFTING_ATTR, _UNSET) != resolved_drafting and drafting.per_request:
+        logger.info("vllm-medusa: per-request trees, %s", drafting)
+    setattr(heads, DRAFTING_ATTR, resolved_drafting)
     if tree is None:
         setattr(heads, RESOLVED_ATTR, None)
         return
@@ -80,11 +96,11 @@ def use_tree(spec_config, heads, tree: MedusaTree | None, num_heads: int) -> Non
             f"{num_heads} deep"
         )
     heads.num_heads = tree.depth
-    resolved = None if tree.is_chain else resolved_form(tree)
+    resolved = None if tree.is_chain and not drafting.per_request else resolved_form(tree)
     # vLLM validates the speculative config again inside its VllmConfig: log the tree once.
     if getattr(heads, RESOLVED_ATTR, _UNSET) != resolved:
         logger.info("vllm-medusa: %s", tree.describe())
-    spec_config.num_speculative_tokens = tree.depth if tree.is_chain else tree.num_nodes
+    spec_config.num_speculative_tokens = tree.num_nodes + drafting.extra_nodes
     setattr(heads, RESOLVED_ATTR, resolved)
 
 
@@ -152,12 +168,20 @@ def apply() -> None:
         target = self.target_model_config
         num_heads = getattr(heads, "checkpoint_num_heads", heads.num_heads)
         tree = configured_tree(getattr(heads, CONFIG_KEY, None))
+        drafting = configured_drafting(getattr(heads, DRAFTING_KEY, None))
         schedule = None
         previous = getattr(heads, _CALIBRATED_ATTR, None)
         if tree is None and self.num_speculative_tokens_per_batch_size in (None, previous):
             calibrated = calibrated_settings(self, log=previous is None)
             if calibrated is not None:
                 tree, schedule = calibrated
+        if tree is None and drafting.per_request:
+            # Requests' own trees grow from the chain, verified as trees. vLLM validates this
+            # config twice; the second time num_speculative_tokens counts the copy branch too.
+            tree = tree_of_heads(heads) or build_tree(
+                chain_paths(self.num_speculative_tokens),
+                name=f"chain:{self.num_speculative_tokens}",
+            )
         check_heads_fit_target(
             heads_dir=self.draft_model_config.model,
             num_heads=num_heads,
@@ -167,7 +191,7 @@ def apply() -> None:
             target_hidden=target.get_hidden_size(),
             target_vocab=target.get_vocab_size(),
         )
-        use_tree(self, heads, tree, num_heads)
+        use_tree(self, heads, tree, num_heads, drafting)
         if schedule is not None:
             self.num_speculative_tokens_per_batch_size = schedule
             setattr(heads, _CALIBRATED_ATTR, schedule)
