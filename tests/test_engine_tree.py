@@ -1,7 +1,8 @@
 """Tree decoding through the real vLLM engine: the default model, the shipped heads.
 
 One engine verifies trees, one runs without speculation, one verifies the chain of the same
-heads; each runs every scenario once and the tests compare. The engines share settings that
+heads, one gives each request a tree of its own (copy branch, confidence pruning); each runs
+every scenario once and the tests compare. The engines share settings that
 put the hard cases in play: chunked prefill (a small token budget, long prompts), prefix
 caching (every scenario's prompts come back once more), and a KV cache small enough that
 batch 16 preempts requests. Sampled requests speculate too: their draws must follow the
@@ -133,6 +134,9 @@ def structured(**grammar) -> SamplingParams:
 STRUCTURED = structured(json=ANSWER_SCHEMA)
 SEEDED = SamplingParams(temperature=1.0, max_tokens=32, seed=1234)
 SAMPLED_ONLY = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=32)
+# Per-request trees: the static tree's confident nodes and a copy branch.
+PRUNE_BELOW = 0.05
+PER_REQUEST = json.dumps({"copy": True, "min_match": 1, "prune_below": PRUNE_BELOW})
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Run:
     choices: dict[str, list[list[list[int]]]]  # every choice's tokens, per request (n > 1)
     logprobs: dict[str, list]  # per request: (sample logprobs, prompt logprobs)
     final_stats: SpecDecodeStats  # the counters when the engine stopped
+    repeat_stats: SpecDecodeStats  # counters moved by prompts that ask for a repeat
 
 
 def run(llm: LLM, cases: dict[str, Scenario], results: dict[str, list] | None = None):
@@ -201,13 +206,16 @@ def run_engine(
         run(llm, {"structured_only": Scenario(cases["structured"].prompts[:2], STRUCTURED)})
         before = spec_decode_stats(llm)
         run(llm, {"sampled_only": Scenario(cases["batch4"].prompts, SAMPLED_ONLY)})
+        sampled_stats = spec_decode_stats(llm).minus(before)
+        before_repeat = spec_decode_stats(llm)
+        run(llm, {"repeat": Scenario(repeat_prompts(), GREEDY, one_at_a_time=True)})
         return Run(
             outputs,
             stats,
             counter(llm, "vllm:num_preemptions"),
             counter(llm, "vllm:prefix_cache_hits"),
             before.num_drafts - stats.num_drafts,
-            spec_decode_stats(llm).minus(before),
+            sampled_stats,
             {k: [[list(c.token_ids) for c in o.outputs] for o in v] for k, v in results.items()},
             {
                 k: [
@@ -216,10 +224,19 @@ def run_engine(
                 ]
                 for k, v in results.items()
             },
+            spec_decode_stats(llm).minus(before_repeat),
             spec_decode_stats(llm),
         )
     finally:
         shutdown(llm)
+
+
+def repeat_prompts() -> list:
+    """Requests whose answers copy their prompts: where the copy branch is accepted."""
+    return [
+        [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{text}"}]
+        for text in HELDOUT[40:43]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +259,21 @@ def tree_run(smollm2_dir: Path, debug_file: Path) -> Run:
 @pytest.fixture(scope="module")
 def chain_run(smollm2_dir: Path) -> Run:
     return run_engine(smollm2_dir, "chain:4")
+
+
+@pytest.fixture(scope="module")
+def per_request_debug_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("debug") / "per_request.jsonl"
+
+
+@pytest.fixture(scope="module")
+def per_request_run(smollm2_dir: Path, per_request_debug_file: Path) -> Run:
+    """The same tree, each request's own: confident nodes only, plus its copy branch."""
+    env = {
+        "VLLM_MEDUSA_DRAFTING": PER_REQUEST,
+        "VLLM_MEDUSA_DEBUG_FILE": str(per_request_debug_file),
+    }
+    return run_engine(smollm2_dir, TREE, env=env)
 
 
 def homogeneity_chi_square(a: list[int], b: list[int], buckets: int = 5) -> float:
@@ -269,7 +301,7 @@ CRITICAL_5_DF = 25.74
 
 
 @pytest.mark.parametrize("scenario", ["sampled", "sampled_top_p"])
-@pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
+@pytest.mark.parametrize("speculative", ["tree_run", "chain_run", "per_request_run"])
 def test_sampled_requests_keep_the_models_distribution(reference, speculative, scenario, request):
     """Draws with Medusa follow the same distribution as draws without speculation: a
     two-sample chi-square test at significance 1e-4 at each of tokens 2-4."""
@@ -302,11 +334,13 @@ SCENARIOS = [
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_tree_greedy_output_identical_to_no_speculation(reference, tree_run, scenario):
-    assert tree_run.outputs[scenario] == reference.outputs[scenario]
+@pytest.mark.parametrize("speculative", ["tree_run", "per_request_run"])
+def test_tree_greedy_output_identical_to_no_speculation(reference, speculative, scenario, request):
+    result = request.getfixturevalue(speculative)
+    assert result.outputs[scenario] == reference.outputs[scenario]
 
 
-@pytest.mark.parametrize("engine", ["reference", "tree_run", "chain_run"])
+@pytest.mark.parametrize("engine", ["reference", "tree_run", "chain_run", "per_request_run"])
 def test_seeded_requests_repeat_whatever_the_batch_and_chunking(engine, request):
     """The same seed gives the same text on every run, alone or beside other requests, with a
     prompt prefilled in chunks; with and without speculation (the engine must not stop)."""
@@ -319,7 +353,7 @@ def test_seeded_requests_repeat_whatever_the_batch_and_chunking(engine, request)
     assert len(choices) == 3 and len({tuple(c) for c in choices}) > 1
 
 
-@pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
+@pytest.mark.parametrize("speculative", ["tree_run", "chain_run", "per_request_run"])
 def test_mixed_batch_keeps_greedy_exact_and_sampled_settings(reference, speculative, request):
     """Greedy (with logprobs), sampled (penalties, logit bias, min_tokens) and grammar requests
     in one batch: the greedy and grammar ones equal no speculation, logprobs included."""
@@ -340,14 +374,16 @@ def test_mixed_batch_keeps_greedy_exact_and_sampled_settings(reference, speculat
     assert len(mixed[1][0]) >= 10  # min_tokens
 
 
-@pytest.mark.parametrize("speculative", ["tree_run", "chain_run"])
+@pytest.mark.parametrize("speculative", ["tree_run", "chain_run", "per_request_run"])
 def test_sampled_requests_accept_drafts(speculative, request):
     stats = request.getfixturevalue(speculative).sampled_stats
     assert stats.num_drafts > 0
     assert stats.num_accepted_tokens > 0.05 * stats.num_drafts, stats.as_dict()
 
 
-def test_hard_cases_were_exercised(reference, tree_run):
+@pytest.mark.parametrize("speculative", ["tree_run", "per_request_run"])
+def test_hard_cases_were_exercised(reference, speculative, request):
+    tree_run = request.getfixturevalue(speculative)
     assert tree_run.preemptions > 0
     assert tree_run.prefix_cache_hits > 0
     finish = {reason for _, _, reason in tree_run.outputs["stop_strings"]}
@@ -358,10 +394,11 @@ def test_hard_cases_were_exercised(reference, tree_run):
     assert lengths == [3, 9, 17]
 
 
-def test_structured_outputs_keep_their_grammar(tree_run, chain_run):
+def test_structured_outputs_keep_their_grammar(tree_run, chain_run, per_request_run):
     """Requests with a grammar get no drafts from a tree (its masks would be a chain's),
     so they follow their grammar exactly as without speculation; chains still draft."""
     assert tree_run.structured_drafts == 0
+    assert per_request_run.structured_drafts == 0
     assert chain_run.structured_drafts > 0
     outputs = tree_run.outputs["structured"]
     _, yes_no, _ = outputs[1]
@@ -464,3 +501,56 @@ def test_calibration_alone_sets_tree_and_drafts_per_batch_size(reference, calibr
         assert stats.num_drafts > 0 and stats.num_draft_tokens == 2 * stats.num_drafts, name
     for name, (outputs, _) in calibrated_run.items():
         assert outputs == reference.outputs[name], name
+
+
+def test_per_request_output_identical_on_repeats(reference, per_request_run):
+    assert per_request_run.outputs["repeat"] == reference.outputs["repeat"]
+
+
+def test_copy_branch_is_accepted_where_the_answer_repeats_the_prompt(tree_run, per_request_run):
+    """On answers that copy their prompt, the copy branch lifts acceptance well above what
+    the heads alone reach with the same tree."""
+    medusa, copying = tree_run.repeat_stats, per_request_run.repeat_stats
+    assert medusa.num_drafts > 0 and copying.num_drafts > 0
+    assert copying.mean_acceptance_length > 1.3 * medusa.mean_acceptance_length, (
+        copying.as_dict(),
+        medusa.as_dict(),
+    )
+
+
+def per_request_records(debug_file: Path) -> list[dict]:
+    return [json.loads(line) for line in debug_file.read_text().splitlines()]
+
+
+def test_requests_verify_trees_of_their_own_in_one_step(per_request_run, per_request_debug_file):
+    """Steps where requests verified different tree shapes side by side, copy nodes among
+    them, and accepted paths through copy nodes."""
+    records = per_request_records(per_request_debug_file)
+    shapes: dict[int, set] = {}
+    for r in records:
+        shapes.setdefault(r["step"], set()).add(tuple(d["parent"] for d in r["drafted"]))
+    assert sum(len(s) > 1 for s in shapes.values()) > 10
+    accepted_copies = 0
+    for r in records:
+        drafted = r["drafted"]
+        tokens = {(d["parent"], d["token"]) for d in drafted}
+        assert len(tokens) == len(drafted)  # siblings are distinct tokens
+        accepted_copies += any(drafted[n - 1]["copy"] for n in r["accepted_nodes"])
+    assert accepted_copies > 0.05 * len(records)
+
+
+def test_pruning_drops_the_nodes_below_the_threshold(per_request_run, per_request_debug_file):
+    """Every drafted Medusa node's path probability under the heads is at least the threshold;
+    pruning dropped nodes at some steps and not at others, so draft counts vary."""
+    records = per_request_records(per_request_debug_file)
+    for r in records:
+        drafted = r["drafted"]
+        path_probability = [1.0] * (len(drafted) + 1)
+        for j, d in enumerate(drafted, start=1):
+            if d["path"] is None:
+                continue
+            path_probability[j] = path_probability[d["parent"]] * d["prob"]
+            assert path_probability[j] >= PRUNE_BELOW * (1 - 1e-4), r
+    pruned = [r["pruned"] for r in records]
+    assert sum(p > 0 for p in pruned) > 0.1 * len(records)
+    assert sum(p == 0 for p in pruned) > 0.05 * len(records)

@@ -55,7 +55,11 @@ torch.cuda.get_device_capability = lambda device=None: (9, 0)
 from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata  # noqa: E402
 
 from vllm_medusa.tree import build_tree  # noqa: E402
-from vllm_medusa.tree_attention import TreeSequence, TreeStep, set_tree_step  # noqa: E402
+from vllm_medusa.tree_attention import (  # noqa: E402
+    TreeSequence,
+    TreeStep,
+    attach_tree_step,
+)
 from vllm_medusa.triton_tree_attention import TreeTritonAttentionBackendImpl  # noqa: E402
 from vllm_medusa.verify import copy_kv_slots, kv_moves  # noqa: E402
 
@@ -176,11 +180,9 @@ class Batch:
 
     def attend(self, impl, step: TreeStep | None) -> torch.Tensor:
         output = torch.full_like(self.query, float("nan"))
-        set_tree_step(step)
-        try:
-            impl.forward(LAYER, self.query, None, None, self.kv_cache, self.metadata(), output)
-        finally:
-            set_tree_step(None)
+        metadata = self.metadata()
+        attach_tree_step({"layer": metadata}, step)
+        impl.forward(LAYER, self.query, None, None, self.kv_cache, metadata, output)
         return output
 
 

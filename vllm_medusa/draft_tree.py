@@ -38,6 +38,11 @@ class DraftTree:
         return len(self.parents) - 1
 
     @cached_property
+    def is_chain(self) -> bool:
+        """Each node the child of the one before: causal attention is already its mask."""
+        return all(p == j - 1 for j, p in enumerate(self.parents))
+
+    @cached_property
     def depths(self) -> np.ndarray:
         """[n + 1] each node's depth, root 0: its position offset past the context."""
         depths = np.zeros(len(self.parents), dtype=np.int64)

@@ -2,9 +2,10 @@
 
 - Copy branch: the longest suffix of the request's tokens (prompt and output so far), between
   `min_match` and `max_match` tokens long, is looked up at earlier positions; the
-  `copy_length` tokens that followed its latest occurrence become a branch from the root of
-  the request's tree. Medusa heads read one hidden state and cannot see that the text is
-  repeating; the branch can. The matcher is vLLM's own prompt-lookup kernel (numba).
+  `copy_length` tokens that followed it become a branch from the root of the request's tree.
+  Medusa heads read one hidden state and cannot see that the text is repeating; the branch
+  can. The matcher is vLLM's own prompt-lookup kernel (numba, one pass over the request's
+  tokens); where the longest suffix occurs more than once it takes the earliest occurrence.
 - Pruning: a Medusa node whose path probability under the heads (the product of the heads'
   softmax probabilities along its path) is below `prune_below` is not drafted for that
   request and step, so unsure steps verify fewer nodes.
@@ -121,8 +122,8 @@ def copy_branches(
     num_reqs: int,
     max_model_len: int,
 ) -> list[np.ndarray]:
-    """Per request: the tokens after the latest earlier occurrence of its longest repeated
-    suffix (at most `copy_length`; empty when nothing repeats)."""
+    """Per request: the tokens after an earlier occurrence of its longest repeated suffix (at
+    most `copy_length`; empty when nothing repeats)."""
     # Imported here: loading numba's compiled functions before vLLM's worker start-up breaks
     # its scan of loaded modules for Triton kernels (vLLM 0.32, CPU platform).
     from vllm.v1.spec_decode.ngram_proposer import (

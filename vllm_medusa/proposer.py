@@ -133,20 +133,24 @@ class MedusaProposer(VllmMedusaProposer):
         candidates = self.tree.draft_tree.prefix(num_speculative_tokens)
         n = candidates.num_nodes
         head_states = torch.stack(self.model(target_hidden_states))  # [heads, num_reqs, hidden]
-        logits = self.model.stacked_logits(head_states).float()  # [heads, num_reqs, vocab]
-        top = logits.topk(self.tree.top_k, dim=-1)
-        top_logprobs = top.values - logits.logsumexp(dim=-1, keepdim=True)  # [heads, R, top_k]
+        logits = self.model.stacked_logits(head_states)  # [heads, num_reqs, vocab]
+        top = logits.topk(self.tree.top_k, dim=-1)  # [heads, num_reqs, top_k]
         heads, ranks = self.tree.heads[:n], self.tree.ranks[:n]
-        tokens = top.indices[heads, :, ranks]  # [n, num_reqs]
-        node_logprobs = top_logprobs[heads, :, ranks]  # [n, num_reqs]
-        # [n, n] node i on node j's path (itself included): path log-probabilities in one matmul
-        on_path = self._on_path(n)
-        path_logprobs = on_path @ node_logprobs  # [n, num_reqs]
+        tokens_per_request = top.indices[heads, :, ranks].T.tolist()  # [num_reqs][n]
+        keep_per_request = [[True] * n] * num_reqs
+        probs_per_request = None
         threshold = self.drafting.prune_below
-        keep = (path_logprobs >= math.log(threshold)) if threshold > 0 else None
-        tokens_per_request = tokens.T.tolist()
-        keep_per_request = [[True] * n] * num_reqs if keep is None else keep.T.tolist()
-        probs_per_request = node_logprobs.exp().T.tolist() if self.debug else None
+        if threshold > 0 or self.debug:
+            # The heads' log-probability of each node's token: [n, num_reqs]
+            top_logprobs = top.values.float() - logits.float().logsumexp(dim=-1, keepdim=True)
+            node_logprobs = top_logprobs[heads, :, ranks]
+            if threshold > 0:
+                # Node i on node j's path (itself included): path log-probabilities in one
+                # matmul, [n, n] @ [n, num_reqs].
+                path_logprobs = self._on_path(n) @ node_logprobs
+                keep_per_request = (path_logprobs >= math.log(threshold)).T.tolist()
+            if self.debug:
+                probs_per_request = node_logprobs.exp().T.tolist()
         trees, drafts = [], []
         for r in range(num_reqs):
             tree, request_drafts = request_tree(

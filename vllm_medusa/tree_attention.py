@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -89,17 +90,24 @@ def _pad(
     return TreeBatch(token_index, valid, block_ids, bias[:, None, None], token_index[valid])
 
 
-_current_step: TreeStep | None = None
+# On each attention metadata object of a step: that step's trees (None: no trees).
+TREE_STEP_ATTR = "vllm_medusa_tree_step"
 
 
-def set_tree_step(step: TreeStep | None) -> None:
-    """Set by the model runner around a forward pass that verifies trees."""
-    global _current_step
-    _current_step = step
+def attach_tree_step(attn_metadata: Any, step: TreeStep | None) -> None:
+    """Carry the step's trees to the attention layers on the metadata vLLM builds once per
+    step and hands to every layer (a dict per layer, or a list of them per micro-batch).
+    Set on every build, so metadata a builder reuses never keeps an earlier step's trees."""
+    if isinstance(attn_metadata, list):
+        for per_layer in attn_metadata:
+            attach_tree_step(per_layer, step)
+        return
+    for metadata in attn_metadata.values():
+        setattr(metadata, TREE_STEP_ATTR, step)
 
 
-def current_tree_step() -> TreeStep | None:
-    return _current_step
+def tree_step_of(attn_metadata: Any) -> TreeStep | None:
+    return getattr(attn_metadata, TREE_STEP_ATTR, None)
 
 
 @dataclass(frozen=True)
@@ -223,8 +231,8 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         output = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
         )
-        step = current_tree_step()
-        if step is None or attn_metadata is None:
+        step = tree_step_of(attn_metadata)
+        if step is None:
             return output
         if (
             self.sliding_window != -1

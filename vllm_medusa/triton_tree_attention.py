@@ -36,7 +36,7 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 from vllm.v1.kv_cache_interface import KVQuantMode
 
-from vllm_medusa.tree_attention import TreeSequence, TreeStep, current_tree_step
+from vllm_medusa.tree_attention import TreeSequence, TreeStep, tree_step_of
 
 # device -> [(mask [n, n] bool, zero-padded buffer of its bias)], see `tree_bias`
 _bias_buffers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -159,8 +159,8 @@ class TreeTritonAttentionBackendImpl(TritonAttentionImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        step = current_tree_step()
-        if step is None or attn_metadata is None:
+        step = tree_step_of(attn_metadata)
+        if step is None:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,

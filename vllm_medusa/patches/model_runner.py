@@ -11,7 +11,10 @@ with a chain on the CPU only `_sample` is (`drafter.verified_tree`), and otherwi
 calls straight through to vLLM's.
 - `_prepare_inputs`: a tree's drafts are scheduled as a flat list, so vLLM gives node j the
   position context + j. That stays the KV slot; the model's position (RoPE) becomes
-  context + depth(j), and the step's tree requests are published for the attention backend.
+  context + depth(j). Each request's tree is the one its drafts were proposed with (its own
+  under per-request drafting, else a prefix of the static tree).
+- `_build_attention_metadata`: the step's tree requests ride on the attention metadata vLLM
+  builds once per step for every layer (`tree_attention.attach_tree_step`).
 - `_sample`: each request walks its tree, drawing the target's token level by level with
   vLLM's own `Sampler` (`vllm_medusa.verify`), greedy and sampled requests alike; the
   accepted nodes' keys and values are then moved to the slots the next step reads. On the CPU
@@ -19,7 +22,6 @@ calls straight through to vLLM's.
   rejection kernels.
 - `propose_draft_token_ids`: the heads read the hidden state of each request's last accepted
   node, not the chain's last position.
-- `execute_model`: the published tree step never outlives the forward that uses it.
 
 Seeded requests on the CPU (with or without speculation): vLLM samples every request of a
 step and throws away the token of a prefill chunk that does not end its prompt, then rewinds
@@ -46,8 +48,8 @@ from vllm_medusa.tree_attention import (
     KVLayout,
     TreeSequence,
     TreeStep,
+    attach_tree_step,
     kv_layout,
-    set_tree_step,
 )
 from vllm_medusa.typical import Typical, engine_typical, request_typical, typical_nodes
 from vllm_medusa.verify import (
@@ -103,7 +105,8 @@ def _publish_tree_step(runner: Any, trees: list[DraftTree]) -> None:
     computed = runner.input_batch.num_computed_tokens_cpu
     sequences = []
     for req_index, tree in enumerate(trees):
-        if tree.num_nodes == 0:
+        # A chain's positions and causal mask are what vLLM already computes for it.
+        if tree.is_chain:
             continue
         start, context = int(query_start[req_index]), int(computed[req_index])
         num_tokens = tree.num_nodes + 1
@@ -118,7 +121,7 @@ def _publish_tree_step(runner: Any, trees: list[DraftTree]) -> None:
         )
     num_reqs = len(trees)
     query_starts = query_start[: num_reqs + 1].tolist()
-    set_tree_step(TreeStep(sequences, query_starts) if sequences else None)
+    runner._medusa_tree_step = TreeStep(sequences, query_starts) if sequences else None
 
 
 def _draft_limits(sampling_metadata: Any, num_drafts: list[int]) -> list[int]:
@@ -353,7 +356,7 @@ def _patch_runner(runner_cls: type) -> None:
     sample = runner_cls._sample
     bookkeeping_sync = runner_cls._bookkeeping_sync
     propose = runner_cls.propose_draft_token_ids
-    execute_model = runner_cls.execute_model
+    build_attention_metadata = runner_cls._build_attention_metadata
     propose_signature = inspect.signature(propose)
 
     @functools.wraps(prepare_inputs)
@@ -400,18 +403,21 @@ def _patch_runner(runner_cls: type) -> None:
             debug.record_drafts(self.input_batch.req_ids, probs, self.drafter.last_pruned)
         return drafts
 
-    @functools.wraps(execute_model)
-    def execute_model_with_tree(self, *args, **kwargs):
-        try:
-            return execute_model(self, *args, **kwargs)
-        finally:
-            set_tree_step(None)
+    @functools.wraps(build_attention_metadata)
+    def build_attention_metadata_with_tree(self, *args, **kwargs):
+        result = build_attention_metadata(self, *args, **kwargs)
+        # The step `_prepare_inputs` just published, consumed here: later builds (dummy runs)
+        # carry no trees.
+        step = getattr(self, "_medusa_tree_step", None)
+        self._medusa_tree_step = None
+        attach_tree_step(result[0], step)
+        return result
 
     runner_cls._prepare_inputs = _prepare_inputs_with_tree
     runner_cls._sample = _sample_with_tree
     runner_cls._bookkeeping_sync = _bookkeeping_sync_on_cpu
     runner_cls.propose_draft_token_ids = propose_with_tree
-    runner_cls.execute_model = execute_model_with_tree
+    runner_cls._build_attention_metadata = build_attention_metadata_with_tree
     setattr(runner_cls, _PATCHED_ATTR, True)
 
 
