@@ -149,8 +149,8 @@ class Run:
     sampled_stats: SpecDecodeStats  # counters moved by sampled requests alone
     choices: dict[str, list[list[list[int]]]]  # every choice's tokens, per request (n > 1)
     logprobs: dict[str, list]  # per request: (sample logprobs, prompt logprobs)
-    final_stats: SpecDecodeStats  # the counters when the engine stopped
     repeat_stats: SpecDecodeStats  # counters moved by prompts that ask for a repeat
+    final_stats: SpecDecodeStats  # the counters when the engine stopped
 
 
 def run(llm: LLM, cases: dict[str, Scenario], results: dict[str, list] | None = None):
@@ -208,7 +208,7 @@ def run_engine(
         run(llm, {"sampled_only": Scenario(cases["batch4"].prompts, SAMPLED_ONLY)})
         sampled_stats = spec_decode_stats(llm).minus(before)
         before_repeat = spec_decode_stats(llm)
-        run(llm, {"repeat": Scenario(repeat_prompts(), GREEDY, one_at_a_time=True)})
+        outputs.update(run(llm, {"repeat": Scenario(repeat_prompts(), GREEDY, one_at_a_time=True)}))
         return Run(
             outputs,
             stats,
@@ -541,7 +541,7 @@ def test_requests_verify_trees_of_their_own_in_one_step(per_request_run, per_req
 
 def test_pruning_drops_the_nodes_below_the_threshold(per_request_run, per_request_debug_file):
     """Every drafted Medusa node's path probability under the heads is at least the threshold;
-    pruning dropped nodes at some steps and not at others, so draft counts vary."""
+    pruning dropped nodes, more at some steps than at others, so draft counts vary."""
     records = per_request_records(per_request_debug_file)
     for r in records:
         drafted = r["drafted"]
@@ -553,4 +553,5 @@ def test_pruning_drops_the_nodes_below_the_threshold(per_request_run, per_reques
             assert path_probability[j] >= PRUNE_BELOW * (1 - 1e-4), r
     pruned = [r["pruned"] for r in records]
     assert sum(p > 0 for p in pruned) > 0.1 * len(records)
-    assert sum(p == 0 for p in pruned) > 0.05 * len(records)
+    medusa_nodes = [sum(d["path"] is not None for d in r["drafted"]) for r in records]
+    assert len(set(medusa_nodes)) >= 3, set(medusa_nodes)

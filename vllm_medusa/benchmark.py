@@ -11,6 +11,12 @@ no-speculation outputs. Sampled runs (`--temperatures 0.7 1.0`, with `--top-p`) 
 apart from greedy ones, with the target's mean log-probability of the sampled tokens: the same
 as without speculation (within sampling noise) when verification is exact; typical acceptance
 (`plugin-chain-typical`, `plugin-tree-typical`, not run by default) raises it.
+
+`plugin` runs whatever the heads do by default (their calibration, copy branches and pruning
+if their config turns them on); `plugin-chain` and `plugin-tree` are the heads alone (no copy
+branch, no pruning). `--per-category N` takes the first N prompts of each category of the
+prompt file (Spec-Bench has 13), and the greedy batch-1 runs report the mean acceptance
+length per category.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 from pathlib import Path
 
 from vllm_medusa.default_model import default_model_path
+from vllm_medusa.drafting import DRAFTING_ENV
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.tree import TREE_ENV
 from vllm_medusa.typical import TYPICAL_ENV
@@ -46,8 +53,9 @@ def _worker(args: argparse.Namespace) -> int:
     from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
     from vllm_medusa.metrics import spec_decode_stats
 
-    prompts = [p.turns[0] for p in load_prompts(args.prompts, split=args.split)]
-    prompts = prompts[: args.num_prompts]
+    prompts = _select(load_prompts(args.prompts, split=args.split), args)
+    categories = [p.category for p in prompts]
+    prompts = [p.turns[0] for p in prompts]
     spec = None if args.config == "none" else medusa_config(args.heads, args.k)
     if spec and args.spec_schedule and args.config.startswith("plugin-"):
         spec["num_speculative_tokens_per_batch_size"] = json.loads(args.spec_schedule)
@@ -67,11 +75,26 @@ def _worker(args: argparse.Namespace) -> int:
         )
         for run in range(args.runs):
             before = spec_decode_stats(llm) if spec else None
+            # Greedy batch 1, first run: acceptance per prompt, summed per category.
+            per_prompt = spec and batch == 1 and not temperature and run == 0
+            per_category: dict[str, list[int]] = {}  # category -> [drafts, accepted]
             start = time.perf_counter()
             outputs = []
             for group in range(0, len(conversations), batch):
                 chats = conversations[group : group + batch]
+                if per_prompt:
+                    seconds_before = time.perf_counter()
+                    stats_before = spec_decode_stats(llm)
+                    # Reading the counters is not part of the timed work.
+                    start += time.perf_counter() - seconds_before
                 outputs += llm.chat(chats, params, use_tqdm=False)
+                if per_prompt:
+                    seconds_before = time.perf_counter()
+                    step = spec_decode_stats(llm).minus(stats_before)
+                    cell = per_category.setdefault(categories[group], [0, 0])
+                    cell[0] += step.num_drafts
+                    cell[1] += step.num_accepted_tokens
+                    start += time.perf_counter() - seconds_before
             seconds = time.perf_counter() - start
             tokens = [list(o.outputs[0].token_ids) for o in outputs]
             record = {
@@ -86,6 +109,8 @@ def _worker(args: argparse.Namespace) -> int:
                 record["logprob_sum"] = _target_logprob_sum(llm, outputs)
             if spec:
                 record["spec"] = spec_decode_stats(llm).minus(before).as_dict()
+            if per_category:
+                record["per_category"] = per_category
             runs.append(record)
             print(
                 f"[{args.config}] temperature {temperature} batch {batch} run {run}: "
@@ -95,6 +120,19 @@ def _worker(args: argparse.Namespace) -> int:
     shutdown(llm)
     Path(args.worker_out).write_text(json.dumps(runs))
     return 0
+
+
+def _select(prompts: list, args: argparse.Namespace) -> list:
+    """The first `--num-prompts` prompts, or the first `--per-category` of each category."""
+    if not args.per_category:
+        return prompts[: args.num_prompts]
+    taken: dict[str, int] = {}
+    chosen = []
+    for prompt in prompts:
+        if taken.get(prompt.category, 0) < args.per_category:
+            taken[prompt.category] = taken.get(prompt.category, 0) + 1
+            chosen.append(prompt)
+    return chosen
 
 
 def _target_logprob_sum(llm, outputs) -> float:
@@ -158,8 +196,30 @@ def _summarise(
             drafts = sum(r["spec"]["num_drafts"] for r in runs)
             accepted = sum(r["spec"]["num_accepted_tokens"] for r in runs)
             row["mean_acceptance_length"] = round(1 + accepted / drafts, 3) if drafts else 0
+        with_categories = [r for r in runs if "per_category" in r]
+        if with_categories:
+            row["acceptance_by_category"] = {
+                category: round(1 + accepted / drafts, 3) if drafts else None
+                for category, (drafts, accepted) in with_categories[0]["per_category"].items()
+            }
         rows.append(row)
     return rows
+
+
+def format_categories(rows: list[dict]) -> str:
+    """Mean acceptance length per prompt category (greedy, batch 1), one column a config."""
+    rows = [r for r in rows if "acceptance_by_category" in r]
+    if not rows:
+        return ""
+    categories = list(rows[0]["acceptance_by_category"])
+    lines = [
+        "| category | " + " | ".join(r["config"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for category in categories:
+        cells = [str(r["acceptance_by_category"].get(category, "-")) for r in rows]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -207,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use only prompts of this split (default: heldout for the built-in set)",
     )
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument(
+        "--per-category",
+        type=int,
+        default=0,
+        help="instead of --num-prompts: the first N prompts of each category",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--runs", type=int, default=3)
@@ -258,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ)
             env.pop(TREE_ENV, None)
             env.pop(TYPICAL_ENV, None)
+            env.pop(DRAFTING_ENV, None)
             if config == "vllm-medusa-builtin":
                 heads = _builtin_heads(args.heads, args.model, Path(tmp))
                 env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM's own Medusa
@@ -265,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 env[TREE_ENV] = f"chain:{args.k}"
             elif config.startswith("plugin-tree"):
                 env[TREE_ENV] = args.tree
+            if config.startswith(("plugin-chain", "plugin-tree")):
+                env[DRAFTING_ENV] = json.dumps({"copy": False, "prune_below": 0})
             if config.endswith("-typical"):
                 env[TYPICAL_ENV] = "1"
             out = Path(tmp) / f"{config}.json"
@@ -282,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.model,
                 "--num-prompts",
                 str(args.num_prompts),
+                "--per-category",
+                str(args.per_category),
                 "--max-tokens",
                 str(args.max_tokens),
                 "--runs",
@@ -310,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "worker_out", "out")}
     args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
     print(format_table(rows))
+    print(format_categories(rows))
     print(f"written to {args.out}")
     return 0
 

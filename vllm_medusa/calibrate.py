@@ -210,8 +210,13 @@ class _Engine:
         spec = None
         if self.tree is not None:
             spec = medusa_config(self.heads, num_speculative_tokens=len(self.tree))
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
+        from vllm_medusa.drafting import DRAFTING_ENV
+
+        # The heads alone: copy branches and pruning, if the heads turn them on, would change
+        # the probe tree and the step sizes measured.
+        env = {DRAFTING_ENV: json.dumps({"copy": False, "prune_below": 0}), **self.env}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             with tree_setting(json.dumps(self.tree) if self.tree else None):
                 self.llm = LLM(
