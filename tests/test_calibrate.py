@@ -182,3 +182,15 @@ def test_calibrate_refuses_a_missing_heads_folder(tmp_path, capsys):
 
     assert main(["--heads", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_shipped_calibration_fits_the_shipped_heads(smollm2_dir):
+    """The calibration shipped beside the heads is the one engines with those heads use (a
+    changed heads config would set it aside with a warning)."""
+    from transformers import AutoConfig
+
+    from vllm_medusa.calibrate import CALIBRATION_FILE, load_calibration, mismatch
+
+    calibration = load_calibration(default_heads_path() / CALIBRATION_FILE)
+    identity = model_identity(AutoConfig.from_pretrained(smollm2_dir))
+    assert mismatch(calibration, default_heads_path(), identity, "float32", "cpu") is None

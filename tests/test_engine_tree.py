@@ -137,6 +137,8 @@ SAMPLED_ONLY = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=32)
 # Per-request trees: the static tree's confident nodes and a copy branch.
 PRUNE_BELOW = 0.05
 PER_REQUEST = json.dumps({"copy": True, "min_match": 1, "prune_below": PRUNE_BELOW})
+# The heads alone, whatever their config turns on.
+HEADS_ALONE = {"VLLM_MEDUSA_DRAFTING": json.dumps({"copy": False, "prune_below": 0})}
 
 
 @dataclass
@@ -188,7 +190,7 @@ def run_engine(
 ) -> Run:
     spec = medusa_config(default_heads_path(), num_speculative_tokens=4) if speculate else None
     with tree_setting(tree), pytest.MonkeyPatch.context() as patch:
-        for name, value in (env or {}).items():
+        for name, value in {**HEADS_ALONE, **(env or {})}.items():
             patch.setenv(name, value)
         llm = LLM(model=str(model), speculative_config=spec, **ENGINE)
     try:
@@ -480,7 +482,10 @@ def calibrated_run(smollm2_dir: Path, tmp_path_factory) -> dict:
     )
     (heads / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration)))
     spec = {"method": "medusa", "model": str(heads), "num_speculative_tokens": 4}
-    llm = LLM(model=str(smollm2_dir), speculative_config=spec, **ENGINE)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in HEADS_ALONE.items():
+            patch.setenv(name, value)
+        llm = LLM(model=str(smollm2_dir), speculative_config=spec, **ENGINE)
     try:
         cases = scenarios(smollm2_dir)
         results = {}

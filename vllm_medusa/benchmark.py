@@ -13,10 +13,11 @@ as without speculation (within sampling noise) when verification is exact; typic
 (`plugin-chain-typical`, `plugin-tree-typical`, not run by default) raises it.
 
 `plugin` runs whatever the heads do by default (their calibration, copy branches and pruning
-if their config turns them on); `plugin-chain` and `plugin-tree` are the heads alone (no copy
-branch, no pruning). `--per-category N` takes the first N prompts of each category of the
-prompt file (Spec-Bench has 13), and the greedy batch-1 runs report the mean acceptance
-length per category.
+if their config turns them on); `plugin-copy` the same with per-request drafting set by
+`--drafting` (copy branches on by default); `plugin-chain` and `plugin-tree` are the heads
+alone (no copy branch, no pruning). `--per-category N` takes the first N prompts of each
+category of the prompt file (Spec-Bench has 13), and the greedy batch-1 runs report the mean
+acceptance length per category.
 """
 
 from __future__ import annotations
@@ -33,14 +34,21 @@ import time
 from pathlib import Path
 
 from vllm_medusa.default_model import default_model_path
-from vllm_medusa.drafting import DRAFTING_ENV
+from vllm_medusa.drafting import DRAFTING_ENV, configured_drafting
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.tree import TREE_ENV
 from vllm_medusa.typical import TYPICAL_ENV
 
 # "plugin": the heads with nothing but num_speculative_tokens, so a calibration beside them
 # (vllm-medusa calibrate) decides.
-DEFAULT_CONFIGS = ("none", "vllm-medusa-builtin", "plugin", "plugin-chain", "plugin-tree")
+DEFAULT_CONFIGS = (
+    "none",
+    "vllm-medusa-builtin",
+    "plugin",
+    "plugin-copy",
+    "plugin-chain",
+    "plugin-tree",
+)
 # Typical acceptance (not exact) on the plugin's chain and tree: VLLM_MEDUSA_TYPICAL=1.
 CONFIGS = (*DEFAULT_CONFIGS, "plugin-chain-typical", "plugin-tree-typical")
 
@@ -298,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON [[first batch, last batch, drafts], ...] for the plugin's engines: vLLM's "
         "num_speculative_tokens_per_batch_size (drafts count tree nodes; 0: none)",
     )
+    p.add_argument(
+        "--drafting",
+        default='{"copy": true, "min_match": 2, "prune_below": 0.1}',
+        help="per-request drafting of plugin-copy, as VLLM_MEDUSA_DRAFTING (default: %(default)s)",
+    )
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -313,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(args.spec_schedule)
         except json.JSONDecodeError as e:
             parser.error(f"--spec-schedule is not JSON ({e}): give e.g. '[[1, 1, 5], [2, 256, 0]]'")
+    try:
+        configured_drafting(None, {DRAFTING_ENV: args.drafting})
+    except ValueError as e:
+        parser.error(f"--drafting: {e}")
     if args.split is None and args.prompts is None:
         args.split = "heldout"
     if args.worker_out:
@@ -334,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 env[TREE_ENV] = args.tree
             if config.startswith(("plugin-chain", "plugin-tree")):
                 env[DRAFTING_ENV] = json.dumps({"copy": False, "prune_below": 0})
+            elif config == "plugin-copy":
+                env[DRAFTING_ENV] = args.drafting
             if config.endswith("-typical"):
                 env[TYPICAL_ENV] = "1"
             out = Path(tmp) / f"{config}.json"
