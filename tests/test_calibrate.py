@@ -33,7 +33,8 @@ ACCEPTANCE = [[0.3, 0.1, 0.05], [0.25, 0.1, 0.05], [0.2, 0.1, 0.0]]
 def heads_copy(tmp_path) -> Path:
     folder = tmp_path / "heads"
     shutil.copytree(default_heads_path(), folder)
-    (folder / CALIBRATION_FILE).unlink(missing_ok=True)
+    for shipped in folder.glob("medusa_calibration*.json"):  # one per dtype
+        shipped.unlink()
     return folder
 
 
@@ -144,6 +145,16 @@ def test_plugin_uses_a_fitting_calibration_and_sets_others_aside(heads_copy, smo
     with caplog.at_level("WARNING", logger="vllm"):
         assert calibrated_settings(_spec_config(heads_copy, smollm2_dir, torch.bfloat16)) is None
     assert "measured in float32, this engine runs bfloat16" in caplog.text
+    # A bfloat16 calibration beside it serves bfloat16 engines; float32 keeps its own.
+    bf16_schedule = [[1, 1, 2], [2, 1024, 0]]
+    bf16 = calibration_for(
+        heads_copy, smollm2_identity(smollm2_dir), bf16_schedule, nodes=2, dtype="bfloat16"
+    )
+    (heads_copy / "medusa_calibration.bfloat16.json").write_text(json.dumps(asdict(bf16)))
+    tree, used = calibrated_settings(_spec_config(heads_copy, smollm2_dir, torch.bfloat16))
+    assert used == bf16_schedule and tree.num_nodes == 2
+    assert calibrated_settings(_spec_config(heads_copy, smollm2_dir))[1] == schedule
+    (heads_copy / "medusa_calibration.bfloat16.json").unlink()
     # No file: nothing to use.
     (heads_copy / CALIBRATION_FILE).unlink()
     assert calibrated_settings(_spec_config(heads_copy, smollm2_dir)) is None

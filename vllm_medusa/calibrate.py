@@ -31,6 +31,15 @@ from pathlib import Path
 from typing import Any
 
 CALIBRATION_FILE = "medusa_calibration.json"
+
+
+def calibration_file(dtype: str) -> str:
+    """Where a calibration for `dtype` sits beside the heads: float32's in
+    `medusa_calibration.json`, another dtype's in `medusa_calibration.DTYPE.json`, so that one
+    heads folder serves engines of either dtype."""
+    return CALIBRATION_FILE if dtype == "float32" else f"medusa_calibration.{dtype}.json"
+
+
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
 # vLLM caps a schedule's last range at the engine's max_num_seqs.
@@ -407,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", required=True, help="Medusa heads folder")
     p.add_argument("--model", default=str(default_model_path()))
     p.add_argument("--prompts", help="JSON-lines prompts (default: the built-in held-out set)")
-    p.add_argument("--out", help=f"output file (default: HEADS/{CALIBRATION_FILE})")
+    p.add_argument(
+        "--out",
+        help=f"output file (default: HEADS/{CALIBRATION_FILE} for float32, "
+        "HEADS/medusa_calibration.DTYPE.json for another --dtype)",
+    )
     p.add_argument("--dtype", default="float32", help="the dtype engines will run in")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 6, 8])
@@ -431,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.sizes) < 1 or min(args.batch_sizes) < 1:
         print("vllm-medusa calibrate: --sizes and --batch-sizes must be at least 1")
         return 2
-    out = Path(args.out) if args.out else heads_dir / CALIBRATION_FILE
+    out = Path(args.out) if args.out else heads_dir / calibration_file(args.dtype)
     calibration = calibrate(args)
     # Written whole or not at all: a reader never sees half a file.
     partial = out.with_suffix(".json.partial")

@@ -16,8 +16,9 @@ it makes every request verify a tree of its own, so a chain is then served as a 
 scheduler makes room for the copy branch's nodes on top of the static tree's.
 
 Where the user sets neither a tree nor `num_speculative_tokens_per_batch_size`, a calibration
-beside the heads (`vllm-medusa calibrate`) supplies both, if it was measured for these heads,
-this model, dtype and device; otherwise it is set aside with a warning.
+beside the heads (`vllm-medusa calibrate`, one file per dtype) supplies both, if it was
+measured for these heads, this model, dtype and device; otherwise it is set aside with a
+warning.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vllm_medusa.calibrate import CALIBRATION_FILE, load_calibration, mismatch, model_identity
+from vllm_medusa.calibrate import (
+    CALIBRATION_FILE,
+    calibration_file,
+    load_calibration,
+    mismatch,
+    model_identity,
+)
 from vllm_medusa.drafting import CONFIG_KEY as DRAFTING_KEY
 from vllm_medusa.drafting import RESOLVED_ATTR as DRAFTING_ATTR
 from vllm_medusa.drafting import Drafting, configured_drafting
@@ -112,16 +119,19 @@ def calibrated_settings(
     from vllm.platforms import current_platform
 
     heads_dir = spec_config.draft_model_config.model
-    path = Path(heads_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    calibration = load_calibration(path)
     target = spec_config.target_model_config
     dtype = (
         str(target.dtype).removeprefix("torch.")
         if isinstance(target.dtype, torch.dtype)
         else str(target.dtype)
     )
+    # This dtype's calibration, else float32's (set aside below, with a warning saying why).
+    path = Path(heads_dir) / calibration_file(dtype)
+    if not path.is_file():
+        path = Path(heads_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    calibration = load_calibration(path)
     reason = mismatch(
         calibration,
         heads_dir,
