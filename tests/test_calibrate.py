@@ -200,8 +200,9 @@ def test_shipped_calibration_fits_the_shipped_heads(smollm2_dir):
     changed heads config would set it aside with a warning)."""
     from transformers import AutoConfig
 
-    from vllm_medusa.calibrate import CALIBRATION_FILE, load_calibration, mismatch
+    from vllm_medusa.calibrate import calibration_file, load_calibration, mismatch
 
-    calibration = load_calibration(default_heads_path() / CALIBRATION_FILE)
     identity = model_identity(AutoConfig.from_pretrained(smollm2_dir))
-    assert mismatch(calibration, default_heads_path(), identity, "float32", "cpu") is None
+    for dtype in ("float32", "bfloat16"):
+        calibration = load_calibration(default_heads_path() / calibration_file(dtype))
+        assert mismatch(calibration, default_heads_path(), identity, dtype, "cpu") is None
