@@ -17,6 +17,7 @@ from vllm_medusa.calibrate import (
     CalibrationError,
     acceptance_from_records,
     choose_schedule,
+    copy_gain,
     heads_fingerprint,
     load_calibration,
     mismatch,
@@ -69,7 +70,7 @@ def write(calibration: Calibration, heads: Path) -> Path:
 def test_probe_and_records_give_the_conditional_acceptance_table():
     probe = probe_paths(depth=2, ranks=2)
     assert probe == [[0], [1], [0, 0], [0, 1]]
-    drafted = [{"path": p} for p in probe]
+    drafted = [{"path": p, "copy": False} for p in probe]
     records = [
         {"drafted": drafted, "accepted_nodes": [1, 4]},  # (0) then (0, 1)
         {"drafted": drafted, "accepted_nodes": [2]},  # (1): nothing below it was drafted
@@ -78,6 +79,30 @@ def test_probe_and_records_give_the_conditional_acceptance_table():
     ]
     table = acceptance_from_records(records, depth=2, ranks=2)
     assert table == [[2 / 4, 1 / 4], [0 / 2, 1 / 2]]
+
+
+def test_copy_branches_count_in_the_expected_length_not_in_the_heads_table():
+    # The probe [(0), (1)] with a copy branch sharing node 1 and going on below it.
+    drafted = [
+        {"path": [0], "copy": True},
+        {"path": [1], "copy": False},
+        {"path": None, "copy": True},  # 3: child of 1
+        {"path": None, "copy": True},  # 4: child of 3
+    ]
+    records = [
+        {"drafted": drafted, "accepted_nodes": [1, 3, 4]},  # the copy branch, 3 deep
+        {"drafted": drafted, "accepted_nodes": [2]},  # the heads' rank 1
+        {"drafted": drafted[:2], "accepted_nodes": []},  # no copy branch this step
+    ]
+    # The heads' nodes only: (0) accepted once and (1) once in three tries.
+    assert acceptance_from_records(records, depth=1, ranks=2) == [[1 / 3, 1 / 3]]
+    # Beyond a tree of (0): the branch's 3 against 1 in the first step, 0 in the others.
+    assert copy_gain(records, [(0,)]) == pytest.approx(2 / 3)
+    assert copy_gain(records, [(0,), (1,)]) == pytest.approx(2 / 3)
+    assert copy_gain(records, [(1,)]) == pytest.approx(3 / 3)  # (0) is outside: all 3 count
+    # Node 1 is both (0) and the copy branch's first token: a gain only for a tree without (0).
+    shared = [{"drafted": drafted[:2], "accepted_nodes": [1]}]
+    assert copy_gain(shared, [(0,)]) == 0 and copy_gain(shared, [(1,)]) == 1
 
 
 def test_schedule_keeps_no_speculation_unless_clearly_ahead():

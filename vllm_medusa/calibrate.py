@@ -4,12 +4,15 @@ draft count per batch size that are fastest here, for the plugin to use by defau
 1. Acceptance: an engine verifies a probe tree (every rank up to `--probe-ranks` at each
    depth, below the chain of best guesses) on held-out prompts, greedy; the debug records
    (`vllm_medusa.debug`) give, per head depth d and rank r, how often the rank-r token of head
-   d was the target's when the path above it had been accepted.
+   d was the target's when the path above it had been accepted. Where the heads' drafting
+   settings add copy branches (`vllm_medusa.drafting`), the probe has them too, and the same
+   records give what the branch adds to each tree size's accepted length.
 2. Trees: for each size n, the n most probable paths (`tree.best_tree`). They are nested, so
    one tree in that order serves every size: its first n nodes are the best n-node tree.
-3. Step cost: for each size n (0: no speculation) an engine with that tree decodes batches of
-   B requests; the decode time and vLLM's acceptance counters give the time of one step.
-4. Choice: predicted tokens/s = B x expected acceptance length (from step 1) / step time.
+3. Step cost: for each size n (0: no speculation) an engine with that tree and the heads'
+   drafting settings (copy branches, pruning: as they will run) decodes batches of B
+   requests; the decode time and the tokens vLLM counts as accepted give the time of a step.
+4. Choice: predicted tokens/s = B x expected acceptance length (steps 1-2) / step time.
    Per batch size the fastest n wins, but only if it beats no speculation by `--margin`.
 
 The result is written beside the heads (`medusa_calibration.json`), with what it was
@@ -29,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vllm_medusa.drafting import CONFIG_KEY, DRAFTING_ENV, DraftingError, configured_drafting
 
 CALIBRATION_FILE = "medusa_calibration.json"
 
@@ -61,6 +66,8 @@ class Calibration:
     tree: list[list[int]]  # most probable paths first: its first n nodes are the best n-tree
     schedule: list[list[int]]  # [[first batch size, last batch size, draft nodes], ...]
     measurements: list[dict[str, Any]] = field(default_factory=list)
+    # The heads' drafting settings the steps were measured with (`vllm_medusa.drafting`).
+    drafting: dict[str, Any] | None = None
     version: int = FORMAT_VERSION
 
 
@@ -170,18 +177,45 @@ def probe_paths(depth: int, ranks: int) -> list[list[int]]:
     return [[0] * d + [r] for d in range(depth) for r in range(ranks)]
 
 
+def _heads_nodes(record: dict[str, Any]) -> int:
+    """How many of a step's drafted nodes are the heads' (the rest, after them, are nodes only
+    the copy branch proposed: `draft_tree.request_tree`)."""
+    return sum(d["path"] is not None for d in record["drafted"])
+
+
 def acceptance_from_records(
     records: list[dict[str, Any]], depth: int, ranks: int
 ) -> list[list[float]]:
-    """[depth][rank] acceptance rates from debug records of one tree (0 where untried)."""
+    """[depth][rank] acceptance rates of the heads' nodes from debug records of one tree (0
+    where untried)."""
     from vllm_medusa.debug import AcceptanceTable
     from vllm_medusa.tree import build_tree
 
     table = AcceptanceTable()
     for record in records:
-        tree = build_tree([d["path"] for d in record["drafted"]])
-        table.add(tree, len(record["drafted"]), record["accepted_nodes"])
+        heads = _heads_nodes(record)
+        tree = build_tree([d["path"] for d in record["drafted"][:heads]])
+        accepted = [n for n in record["accepted_nodes"] if n <= heads]
+        table.add(tree, heads, accepted)
     return [[table.rate(d + 1, r) or 0.0 for r in range(ranks)] for d in range(depth)]
+
+
+def copy_gain(records: list[dict[str, Any]], paths: list[tuple[int, ...]]) -> float:
+    """Mean tokens per step that a copy branch adds to a tree of `paths`: per step, how much
+    longer the accepted run along the copy branch is than the accepted path's stretch inside
+    the tree (0 without copy branches)."""
+    if not records:
+        return 0.0
+    tree = set(paths)
+    gain = 0
+    for record in records:
+        drafted = record["drafted"]
+        accepted = [drafted[n - 1] for n in record["accepted_nodes"]]
+        copied = next((i for i, d in enumerate(accepted) if not d["copy"]), len(accepted))
+        outside = [d["path"] is None or tuple(d["path"]) not in tree for d in accepted]
+        inside = outside.index(True) if True in outside else len(accepted)
+        gain += max(0, copied - inside)
+    return gain / len(records)
 
 
 def choose_schedule(
@@ -209,6 +243,7 @@ class _Engine:
     dtype: str
     tree: list[list[int]] | None  # None: no speculation
     env: dict[str, str] = field(default_factory=dict)
+    drafting: dict[str, Any] = field(default_factory=dict)  # over the heads' drafting settings
 
     def __enter__(self):
         from vllm import LLM
@@ -219,11 +254,9 @@ class _Engine:
         spec = None
         if self.tree is not None:
             spec = medusa_config(self.heads, num_speculative_tokens=len(self.tree))
-        from vllm_medusa.drafting import DRAFTING_ENV
-
-        # The heads alone: copy branches and pruning, if the heads turn them on, would change
-        # the probe tree and the step sizes measured.
-        env = {DRAFTING_ENV: json.dumps({"copy": False, "prune_below": 0}), **self.env}
+        env = dict(self.env)
+        if self.drafting:
+            env[DRAFTING_ENV] = json.dumps({**_drafting_env(), **self.drafting})
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -247,6 +280,12 @@ class _Engine:
         shutdown(self.llm)
 
 
+def _drafting_env() -> dict[str, Any]:
+    """The user's own `VLLM_MEDUSA_DRAFTING` settings, which the engines keep."""
+    value = os.environ.get(DRAFTING_ENV, "").strip()
+    return json.loads(value) if value else {}
+
+
 def _chat(llm, prompts: list[str], max_tokens: int) -> float:
     """Seconds to answer `prompts` in one batch, greedy, exactly `max_tokens` tokens each."""
     from vllm import SamplingParams
@@ -257,20 +296,22 @@ def _chat(llm, prompts: list[str], max_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def measure_acceptance(
+def probe_records(
     model: str, heads: str, dtype: str, prompts: list[str], depth: int, ranks: int, tokens: int
-) -> list[list[float]]:
+) -> list[dict[str, Any]]:
+    """Debug records of the probe tree verified on `prompts`, greedy, with the heads' copy
+    branches if they have them, and no pruning (every probe node is tried)."""
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "steps.jsonl"
         env = {"VLLM_MEDUSA_DEBUG_FILE": str(records_path)}
-        with _Engine(model, heads, dtype, probe_paths(depth, ranks), env) as llm:
+        probe = probe_paths(depth, ranks)
+        with _Engine(model, heads, dtype, probe, env, {"prune_below": 0}) as llm:
             from vllm import SamplingParams
 
             conversations = [[{"role": "user", "content": p}] for p in prompts]
             params = SamplingParams(temperature=0.0, max_tokens=tokens)
             llm.chat(conversations, params, use_tqdm=False)
-        records = [json.loads(line) for line in records_path.read_text().splitlines()]
-    return acceptance_from_records(records, depth, ranks)
+        return [json.loads(line) for line in records_path.read_text().splitlines()]
 
 
 def measure_steps(
@@ -278,29 +319,27 @@ def measure_steps(
 ) -> dict[int, dict[str, float]]:
     """Per batch size B: the time of one decode step with B requests of n draft nodes each,
     and the decode tokens/s measured. Each round decodes B requests of `tokens` tokens (EOS
-    ignored) after timing their prefill alone; rounds use different prompts."""
+    ignored) after timing their prefill alone; rounds use different prompts. A request's
+    decode steps are its decoded tokens less the drafts it accepted, which counts the steps
+    where pruning left it nothing to draft as well."""
     from vllm_medusa.metrics import spec_decode_stats
 
     results = {}
     for b in batch_sizes:
-        decode = steps = 0.0
-        before = spec_decode_stats(llm)
-        accept_before = before
-        for i in range(max(1, rounds // b)):
+        decode = 0.0
+        before = spec_decode_stats(llm) if n else None
+        batches = max(1, rounds // b)
+        for i in range(batches):
             batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
             prefill = _chat(llm, batch, 1)
             decode += max(_chat(llm, batch, tokens) - prefill, 1e-6)
-            if n == 0:
-                steps += tokens - 1
-            else:  # vLLM counts one draft per request and step
-                after = spec_decode_stats(llm)
-                steps += (after.num_drafts - before.num_drafts) / b
-                before = after
-        stats = spec_decode_stats(llm).minus(accept_before)
+        decoded = batches * b * (tokens - 1)  # the first token of each request is prefill's
+        accepted = spec_decode_stats(llm).minus(before).num_accepted_tokens if n else 0
+        steps = (decoded - accepted) / b
         results[b] = {
             "step_ms": 1000 * decode / steps,
-            "measured_tok_s": max(1, rounds // b) * b * (tokens - 1) / decode,
-            "measured_acceptance": stats.mean_acceptance_length if n else 1.0,
+            "measured_tok_s": decoded / decode,
+            "measured_acceptance": decoded / (decoded - accepted),
         }
         progress.update(1)
     return results
@@ -314,6 +353,9 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     from vllm_medusa.distill import load_prompts
     from vllm_medusa.tree import best_tree, expected_acceptance_length
 
+    config_file = Path(args.heads) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    drafting = configured_drafting(config.get(CONFIG_KEY))  # bad settings: stop before engines
     heads = load_checkpoint(args.heads)
     depth = min(heads.num_heads, args.max_depth)
     split = "heldout" if args.prompts is None else None
@@ -322,9 +364,10 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     sizes = sorted(set(args.sizes))
     progress = tqdm(total=1 + (1 + len(sizes)) * len(batch_sizes), desc="calibrating", unit="run")
 
-    acceptance = measure_acceptance(
+    records = probe_records(
         args.model, args.heads, args.dtype, prompts, depth, args.probe_ranks, args.max_tokens
     )
+    acceptance = acceptance_from_records(records, depth, args.probe_ranks)
     progress.update(1)
     tree = best_tree(acceptance, max(sizes))
     measured: dict[tuple[int, int], dict[str, float]] = {}
@@ -340,8 +383,12 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     predicted = {}
     measurements = []
     for (b, n), row in sorted(measured.items()):
-        prefix = best_tree(acceptance, n) if n else None
-        expected = expected_acceptance_length(acceptance, prefix) if prefix else 1.0
+        expected = 1.0
+        if n:
+            prefix = best_tree(acceptance, n)
+            expected = expected_acceptance_length(acceptance, prefix) + copy_gain(
+                records, [tuple(p) for p in prefix.paths]
+            )
         predicted[(b, n)] = b * expected / (row["step_ms"] / 1000)
         measurements.append(
             {"batch_size": b, "draft_nodes": n, "expected_acceptance": expected,
@@ -359,6 +406,7 @@ def calibrate(args: argparse.Namespace) -> Calibration:
         tree=[list(p) for p in tree.paths[:nodes]],
         schedule=schedule,
         measurements=measurements,
+        drafting=asdict(drafting),
     )
 
 
@@ -445,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         print("vllm-medusa calibrate: --sizes and --batch-sizes must be at least 1")
         return 2
     out = Path(args.out) if args.out else heads_dir / calibration_file(args.dtype)
-    calibration = calibrate(args)
+    try:
+        calibration = calibrate(args)
+    except DraftingError as e:
+        print(f"vllm-medusa calibrate: {e}")
+        return 2
     # Written whole or not at all: a reader never sees half a file.
     partial = out.with_suffix(".json.partial")
     partial.write_text(json.dumps(asdict(calibration), indent=1))

@@ -1,11 +1,13 @@
 """Attention for tree verification over vLLM's paged KV cache.
 
 vLLM's CPU attention kernel knows only causal masks. In a step that verifies trees, the kernel
-still runs for the whole batch (prefill chunks, plain decodes and trees alike), then the rows
-of each tree request are recomputed here with the tree's mask: each node sees the request's
-context, its ancestors and itself. The tree tokens' keys and values are already in the cache
-at their slots (context + node index) when this runs, so one gather reads the context and
-the tree together, for all tree requests of the step at once.
+runs for the whole batch (prefill chunks, plain decodes and trees alike), which leaves right
+every tree row whose ancestors are all the rows before it (the root, and the tree's first
+branch as far as it is a chain). The other rows are computed again by the same kernel: each
+root-to-leaf path is a causal sequence of its own (context, then the path's nodes), laid out
+in a scratch copy of the request's blocks, so a node sees the request's context, its ancestors
+and itself. The tree tokens' keys and values are already in the cache at their slots (context
++ node index) when this runs.
 
 How a block stores its keys and values is the kernel's business and differs between its
 instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
@@ -37,15 +39,23 @@ class TreeSequence:
 
 
 @dataclass
-class TreeBatch:
-    """All tree requests of a step padded to one shape, so each layer runs one gather and
-    one attention call whatever the number of requests."""
+class PathBatch:
+    """The tree rows the causal pass got wrong, regrouped as causal sequences that vLLM's
+    kernel can compute: one per root-to-leaf path, holding the path's rows not already right
+    or taken by an earlier path (always the path's last ones, since what is right or taken is
+    closed under ancestry). Each path's keys and values are laid out contiguously after its
+    request's context in a scratch copy of the request's blocks: full context blocks shared,
+    the blocks from the context's end copied per path, then the path's nodes moved into
+    place, so the kernel sees context + ancestors + node with a plain causal mask."""
 
-    token_index: torch.Tensor  # [R, n_max] long: each query row's token (padding repeats)
-    valid: torch.Tensor  # [R, n_max] bool: real rows
-    block_ids: torch.Tensor  # [R, B] long: KV blocks to read (padding: block 0, masked)
-    bias: torch.Tensor  # [R, 1, 1, n_max, B * block_size] float: 0 where a row may look, -inf
-    flat_index: torch.Tensor  # [valid rows] long: token_index[valid]
+    rows: torch.Tensor  # [Q] long: the step's token index of each recomputed row, path by path
+    query_start_loc: torch.Tensor  # [P + 1] int32
+    seq_lens: torch.Tensor  # [P] int32: context + path length
+    block_table: torch.Tensor  # [P, max_blocks] int32: blocks of the scratch cache
+    src_blocks: torch.Tensor  # [S] long: the cache block each scratch block starts as a copy of
+    move_src: torch.Tensor  # [E] long: elements of the cache (flat) that are moved ...
+    move_dst: torch.Tensor  # [E] long: ... to these of the scratch cache (flat)
+    scheduler_metadata: torch.Tensor | None = None  # the kernel's, built by the first layer
 
 
 class TreeStep:
@@ -55,39 +65,88 @@ class TreeStep:
         self.sequences = sequences
         self.query_starts = query_starts  # [num_reqs + 1]: each request's first token, then the end
         self.backend_data: dict[str, object] = {}  # what a backend builds once per step
-        self._batches: dict[int, TreeBatch] = {}
+        self._paths: dict[tuple[int, int], PathBatch] = {}
 
-    def batch(self, block_table: torch.Tensor, block_size: int, dtype: torch.dtype) -> TreeBatch:
+    def paths(
+        self, block_table: torch.Tensor, block_size: int, num_kv_heads: int, layout: KVLayout
+    ) -> PathBatch:
         """Built by the first layer that asks, shared by the others."""
-        if block_size not in self._batches:
-            self._batches[block_size] = _pad(self.sequences, block_table, block_size, dtype)
-        return self._batches[block_size]
+        key = (block_size, num_kv_heads)
+        if key not in self._paths:
+            self._paths[key] = _paths(
+                self.sequences, block_table.tolist(), block_size, num_kv_heads, layout
+            )
+        return self._paths[key]
 
 
-def _pad(
-    sequences: list[TreeSequence], block_table: torch.Tensor, block_size: int, dtype: torch.dtype
-) -> TreeBatch:
-    n_max = max(seq.num_tokens for seq in sequences)
-    kv_lens = [seq.context_len + seq.num_tokens for seq in sequences]
-    num_blocks = -(-max(kv_lens) // block_size)
-    rows = len(sequences)
-    token_index = torch.zeros(rows, n_max, dtype=torch.long)
-    valid = torch.zeros(rows, n_max, dtype=torch.bool)
-    block_ids = torch.zeros(rows, num_blocks, dtype=torch.long)
-    mask = torch.zeros(rows, n_max, num_blocks * block_size, dtype=torch.bool)
-    mask[:, :, 0] = True  # padding rows attend somewhere (an all-masked row would be NaN)
-    for r, (seq, kv_len) in enumerate(zip(sequences, kv_lens, strict=True)):
-        n = seq.num_tokens
-        token_index[r] = seq.token_start
-        token_index[r, :n] = torch.arange(seq.token_start, seq.token_start + n)
-        valid[r, :n] = True
-        used = -(-kv_len // block_size)
-        block_ids[r, :used] = block_table[seq.req_index, :used].long()
-        mask[r, :n, : seq.context_len] = True
-        mask[r, :n, seq.context_len : kv_len] = seq.node_mask
-    # An additive mask once per step: a boolean one is converted again in every layer.
-    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
-    return TreeBatch(token_index, valid, block_ids, bias[:, None, None], token_index[valid])
+def _paths(
+    sequences: list[TreeSequence],
+    block_table: list[list[int]],
+    block_size: int,
+    num_kv_heads: int,
+    layout: KVLayout,
+) -> PathBatch:
+    stretch = 2 * layout.key_index.numel()  # values per (block, KV head)
+    heads = torch.arange(num_kv_heads)
+    rows, query_starts, seq_lens, tables = [], [0], [], []
+    src_blocks: list[int] = []
+    moves: list[tuple[int, int, int, int]] = []  # (cache block, offset, scratch block, offset)
+    for seq in sequences:
+        mask = seq.node_mask
+        n, context = seq.num_tokens, seq.context_len
+        table = block_table[seq.req_index]
+        full = context // block_size  # context blocks every path shares
+        used = -(-(context + n) // block_size)  # blocks holding the context and the tree
+        shared = list(range(len(src_blocks), len(src_blocks) + full))
+        src_blocks += table[:full]
+        # Right after the causal pass: a row whose ancestors are all the rows before it.
+        done = [bool(mask[j, : j + 1].all()) for j in range(n)]
+        leaves = [j for j in range(n) if not mask[j + 1 :, j].any()]
+        for leaf in leaves:
+            path = torch.nonzero(mask[leaf]).flatten().tolist()  # root .. leaf
+            todo = [node for node in path if not done[node]]
+            if not todo:
+                continue
+            for node in todo:
+                done[node] = True
+            seq_len = context + len(path)
+            tails = []
+            for t in range(-(-seq_len // block_size) - full):
+                tails.append(len(src_blocks))
+                src_blocks.append(table[min(full + t, used - 1)])
+            tables.append(shared + tails)
+            for depth, node in enumerate(path):
+                if node == depth:  # already where the path needs it
+                    continue
+                source, target = context + node, context + depth
+                moves.append(
+                    (
+                        table[source // block_size],
+                        source % block_size,
+                        tails[target // block_size - full],
+                        target % block_size,
+                    )
+                )
+            rows += [seq.token_start + node for node in todo]
+            query_starts.append(len(rows))
+            seq_lens.append(seq_len)
+    width = max(len(t) for t in tables)
+    move = torch.tensor(moves, dtype=torch.long).view(-1, 4)
+
+    def elements(blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[M] blocks and in-block offsets -> [M * kv_heads * 2 * head] flat indices."""
+        starts = (blocks[:, None] * num_kv_heads + heads[None, :]) * stretch  # [M, kv_heads]
+        return (starts[:, :, None] + layout.slot_index(offsets)[:, None, :]).flatten()
+
+    return PathBatch(
+        rows=torch.tensor(rows, dtype=torch.long),
+        query_start_loc=torch.tensor(query_starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        src_blocks=torch.tensor(src_blocks, dtype=torch.long),
+        move_src=elements(move[:, 0], move[:, 1]),
+        move_dst=elements(move[:, 2], move[:, 3]),
+    )
 
 
 # On each attention metadata object of a step: that step's trees (None: no trees).
@@ -189,43 +248,68 @@ def kv_layout(isa: str, block_size: int, head: int, dtype: torch.dtype) -> KVLay
 
 def attend_trees(
     step: TreeStep,
+    impl: CPUAttentionBackendImpl,
+    layer: Any,
     query: torch.Tensor,  # [num_tokens, num_heads, head]
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head]
     layout: KVLayout,
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
-    scale: float,
-    output: torch.Tensor,  # [num_tokens, num_heads, head]: tree rows are overwritten
+    output: torch.Tensor,  # [num_tokens, num_heads, head]: wrong rows overwritten
 ) -> None:
-    """Plain matmuls over the cache blocks as they lie: one copy of the requests' blocks
-    (index_select), no re-layout of keys or values, and no SDPA, whose mask and GQA handling
-    cost more than the arithmetic at a few query rows per request. Runs in every layer."""
-    num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
-    head = two_head // 2
-    batch = step.batch(block_table, block_size, query.dtype)
-    rows, blocks = batch.block_ids.shape
-    n_max = batch.token_index.shape[1]
-    group = query.shape[1] // num_kv_heads  # query heads per KV head
-    stretches = kv_cache.view(num_blocks, num_kv_heads, block_size * two_head)
-    chunk = stretches.index_select(0, batch.block_ids.flatten())
-    chunk = chunk.view(rows, blocks, num_kv_heads, block_size * two_head)
-    keys = layout.read(chunk, keys=True).transpose(-1, -2)  # [R, B, kv_heads, head, bs]
-    values = layout.read(chunk, keys=False)  # [R, B, kv_heads, bs, head]
-    q = query.index_select(0, batch.token_index.flatten()) * scale
-    q = q.view(rows, n_max, num_kv_heads, group, head).permute(0, 2, 3, 1, 4)
-    q = q.reshape(rows, 1, num_kv_heads, group * n_max, head)
-    scores = torch.matmul(q, keys)  # [R, B, kv_heads, group * n_max, bs]
-    scores = scores.view(rows, blocks, num_kv_heads, group, n_max, block_size)
-    scores = scores.permute(0, 2, 3, 4, 1, 5).reshape(rows, num_kv_heads, group, n_max, -1)
-    probs = torch.softmax(scores.add_(batch.bias), dim=-1)  # [R, kv_heads, g, n_max, B * bs]
-    probs = probs.view(rows, num_kv_heads, group * n_max, blocks, block_size)
-    # [R, B, kv_heads, g * n_max, head], summed over the blocks
-    attended = torch.matmul(probs.permute(0, 3, 1, 2, 4), values).sum(1)
-    attended = attended.view(rows, num_kv_heads, group, n_max, head).permute(0, 3, 1, 2, 4)
-    output[batch.flat_index] = attended[batch.valid].flatten(1, 2).to(output.dtype)
+    """The wrong rows again, through vLLM's own kernel over the paths' scratch blocks
+    (`PathBatch`): a handful of tensor calls per layer whatever the trees' shapes, where
+    masked matmuls in Python cost about ten, each slower than the kernel's whole pass."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    _, num_kv_heads, block_size, two_head = kv_cache.shape
+    paths = step.paths(block_table, block_size, num_kv_heads, layout)
+    if paths.scheduler_metadata is None:
+        paths.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(paths.seq_lens),
+            num_heads=query.shape[1],
+            num_kv_heads=num_kv_heads,
+            head_dim=two_head // 2,
+            seq_lens=paths.seq_lens,
+            dtype=query.dtype,
+            query_start_loc=paths.query_start_loc,
+            causal=True,
+            sliding_window_size=-1,
+            isa=layer.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=impl.kv_cache_dtype,
+        )
+    scratch = kv_cache.index_select(0, paths.src_blocks)  # [S, kv_heads, block_size, 2 * head]
+    scratch.view(-1).index_copy_(0, paths.move_dst, kv_cache.view(-1)[paths.move_src])
+    key_cache, value_cache = scratch.view(
+        scratch.shape[0], num_kv_heads, 2 * block_size, two_head // 2
+    ).chunk(2, dim=2)
+    rows = query.index_select(0, paths.rows)  # [Q, num_heads, head]
+    attended = torch.empty_like(rows)
+    ops.cpu_attention_with_kv_cache(
+        query=rows,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=attended,
+        query_start_loc=paths.query_start_loc,
+        seq_lens=paths.seq_lens,
+        scale=impl.scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=paths.block_table,
+        softcap=impl.logits_soft_cap,
+        scheduler_metadata=paths.scheduler_metadata,
+        s_aux=None,
+        k_scale=layer._k_scale_float,
+        v_scale=layer._v_scale_float,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    output.index_copy_(0, paths.rows, attended.to(output.dtype))
 
 
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
-    """vLLM's CPU attention, then the tree requests' rows again with their tree mask."""
+    """vLLM's CPU attention, then the tree requests' rows it got wrong again, as paths."""
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
         output = super().forward(
@@ -246,7 +330,7 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             )
         _, _, block_size, two_head = kv_cache.shape
         layout = kv_layout(layer.isa, block_size, two_head // 2, kv_cache.dtype)
-        attend_trees(step, query, kv_cache, layout, attn_metadata.block_table, self.scale, output)
+        attend_trees(step, self, layer, query, kv_cache, layout, attn_metadata.block_table, output)
         return output
 
 

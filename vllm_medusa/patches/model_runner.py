@@ -78,7 +78,17 @@ def _verified_tree(runner: Any) -> MedusaTree | None:
 
 def _step_trees(runner: Any, num_draft_tokens: list[int]) -> list[DraftTree]:
     """Each request's tree as scheduled this step: the first n_i nodes of the tree its drafts
-    were proposed with (its own, with per-request drafting; else the drafter's)."""
+    were proposed with (its own, with per-request drafting; else the drafter's). Worked out
+    once per step, in `_prepare_inputs`, and read again by `_sample`."""
+    cached = getattr(runner, "_medusa_step_trees", None)
+    if cached is not None and cached[0] == num_draft_tokens:
+        return cached[1]
+    trees = _scheduled_trees(runner, num_draft_tokens)
+    runner._medusa_step_trees = (list(num_draft_tokens), trees)
+    return trees
+
+
+def _scheduled_trees(runner: Any, num_draft_tokens: list[int]) -> list[DraftTree]:
     drafter = runner.drafter
     if not drafter.drafting.per_request:
         return request_trees(_verified_tree(runner), num_draft_tokens)
@@ -175,6 +185,7 @@ def _sample_tree(runner: Any, logits: torch.Tensor, spec_metadata: Any):
         _walk_typical(runner, walk, trees, logits, num_drafts, spec_metadata, typical, limits)
     width = max(num_drafts) + 1
     runner._medusa_last_nodes = walk.last_nodes
+    runner._medusa_step_trees = None  # this step's, used
     debug = _debug(runner)
     if debug is not None:
         debug.record_step(
@@ -363,6 +374,7 @@ def _patch_runner(runner_cls: type) -> None:
     def _prepare_inputs_with_tree(self, scheduler_output, num_scheduled_tokens):
         result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
         spec_metadata = result[1]
+        self._medusa_step_trees = None  # an earlier step's never stands in for this one's
         if _tree(self) is not None and spec_metadata is not None:
             _publish_tree_step(self, _step_trees(self, spec_metadata.num_draft_tokens))
         return result
