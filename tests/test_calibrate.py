@@ -197,6 +197,7 @@ def test_calibrate_command_writes_a_calibration_the_plugin_accepts(
             "--heads", str(heads_copy), "--model", str(smollm2_dir), "--out", str(out),
             "--sizes", "2", "--batch-sizes", "1", "2", "--num-prompts", "4",
             "--max-tokens", "8", "--rounds", "1", "--probe-ranks", "3", "--max-depth", "2",
+            "--dtype", "float32",
         ]
     )  # fmt: skip
     assert code == 0
@@ -210,6 +211,8 @@ def test_calibrate_command_writes_a_calibration_the_plugin_accepts(
     assert [m["draft_nodes"] for m in calibration.measurements] == [0, 2, 0, 2]
     assert all(m["step_ms"] > 0 and m["measured_tok_s"] > 0 for m in calibration.measurements)
     assert [e[:2] for e in calibration.schedule] == [[1, 1], [2, 1024]]
+    # Measured with the heads' drafting settings, as engines with these heads run them.
+    assert calibration.drafting["copy"] is True and calibration.drafting["prune_below"] == 0.1
     assert not list(tmp_path.glob("*.partial"))
 
 

@@ -130,3 +130,27 @@ def test_chain_shaped_request_trees_are_known_as_chains():
     keep = [True, False, True, False, True]
     tree, _ = request_tree(STATIC, TOKENS, keep, [5, 7, 9, 3])
     assert tree.is_chain and tree.num_nodes == 4
+
+
+def test_depth_first_numbering_puts_the_deepest_branch_first():
+    tree, drafts = request_tree(STATIC, TOKENS, ALL, [6, 8, 20, 21])  # the copy branch under (1)
+    # Before: 1 (0), 2 (1), 3 (0,0), 4 (1,0), 5 (0,0,0), 6 copy under 4, 7 copy under 6.
+    assert list(tree.parents) == [-1, 0, 0, 1, 2, 3, 4, 6]
+    ordered, old = tree.depth_first()
+    # The (1) branch is 4 deep with its copy tokens, the (0) branch 3: it comes first.
+    assert old == [2, 4, 6, 7, 1, 3, 5]
+    assert list(ordered.parents) == [-1, 0, 1, 2, 3, 0, 5, 6]
+    assert [drafts[j - 1] for j in old] == [6, 8, 20, 21, 5, 7, 9]
+    assert [ordered.label(j) for j in (1, 3, 5)] == ["1+copy", "copy", "0"]
+    # Same tree: each node keeps its depth and ancestors.
+    assert ordered.depths.tolist() == [0] + [tree.depths[j] for j in old]
+    for new, before in enumerate(old, start=1):
+        ancestors = [old[a - 1] for a in ordered.ancestry(new)]
+        assert ancestors == tree.ancestry(before)
+    # The first branch reads causally: its rows are what vLLM's causal pass computes.
+    mask = ordered.attention_mask
+    assert all(mask[j, : j + 1].all() for j in range(5))
+    assert not mask[5, 1:5].any()
+    # Ties keep the earlier node first; a chain stays as it is.
+    assert STATIC.prefix(2).depth_first()[1] == [1, 2]
+    assert chain_tree(3).depth_first()[1] == [1, 2, 3]

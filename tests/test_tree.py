@@ -203,24 +203,21 @@ def test_kv_layout_reads_back_what_the_kernel_wrote():
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tree_attention_matches_brute_force(dtype):
+def _tree_attention_against_brute_force(
+    dtype, masks, contexts, starts, block_table, num_tokens, num_blocks
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the tree attention over a cache written by vLLM's own kernel and check every tree
+    row against attention computed by hand; returns the output and the cache before/after."""
     from types import SimpleNamespace
 
     torch.manual_seed(0)
-    tree = build_tree(SMALL)
     block_size, head, num_heads, kv_heads = 32, 64, 4, 2
-    # Three requests with interleaved blocks: the first's tree crosses a block boundary (its
-    # paths' nodes land in two scratch blocks), the second verifies a cut tree (root + 3
-    # nodes) and sits behind a plain decode token that the tree attention must leave alone,
-    # the third has two full context blocks before its tree.
-    contexts, sizes, starts = [29, 7, 70], [6, 4, 6], [0, 7, 11]
-    block_table = torch.tensor([[4, 1, 0], [2, 0, 0], [5, 3, 6]], dtype=torch.int32)
-    kv_cache = torch.zeros(7, kv_heads, block_size, 2 * head, dtype=dtype)
-    query = torch.randn(17, num_heads, head, dtype=dtype)
+    kv_cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head, dtype=dtype)
+    query = torch.randn(num_tokens, num_heads, head, dtype=dtype)
     output = torch.full_like(query, float("nan"))
     sequences, keys, values = [], [], []
-    for req, (context, n, start) in enumerate(zip(contexts, sizes, starts, strict=True)):
+    for req, (mask, context, start) in enumerate(zip(masks, contexts, starts, strict=True)):
+        n = mask.shape[0]
         key = torch.randn(context + n, kv_heads, head, dtype=dtype)
         value = torch.randn(context + n, kv_heads, head, dtype=dtype)
         positions = torch.arange(context + n)
@@ -230,26 +227,23 @@ def test_tree_attention_matches_brute_force(dtype):
         _write_kv(kv_cache, key, value, slots)
         keys.append(key)
         values.append(value)
-        sequences.append(TreeSequence(req, start, context, tree.attention_mask[:n, :n]))
+        sequences.append(TreeSequence(req, start, context, mask))
         # What vLLM's causal pass leaves: rows right where the tree is a chain so far.
         output[start : start + n] = 0
     before = kv_cache.clone()
     layout = kv_layout("vec", block_size, head, dtype)
-    step = TreeStep(sequences, query_starts=[0, 6, 7, 11, 17])
+    ends = [s + m.shape[0] for s, m in zip(starts, masks, strict=True)]
+    step = TreeStep(sequences, query_starts=sorted(set([0, *starts, *ends, num_tokens])))
     impl = SimpleNamespace(scale=0.125, logits_soft_cap=0, kv_cache_dtype="auto")
     layer = SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
     attend_trees(step, impl, layer, query, kv_cache, layout, block_table, output)
-    assert torch.equal(kv_cache, before)  # the paths were laid out in a scratch copy
-    assert output[6].isnan().all()  # not a tree row: untouched
-    for req, (context, n, start) in enumerate(zip(contexts, sizes, starts, strict=True)):
+    for req, (mask, context, start) in enumerate(zip(masks, contexts, starts, strict=True)):
+        n = mask.shape[0]
         for node in range(n):
-            mask = tree.attention_mask[node, : node + 1]
-            if mask.all():  # the causal pass's row is the tree's: not recomputed
+            if mask[node, : node + 1].all():  # the causal pass's row is the tree's: kept
                 assert (output[start + node] == 0).all()
                 continue
-            visible = list(range(context)) + [
-                context + j for j in range(n) if tree.attention_mask[node, j]
-            ]
+            visible = list(range(context)) + [context + j for j in range(n) if mask[node, j]]
             q = query[start + node].double()  # [num_heads, head]
             k = keys[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
             v = values[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
@@ -259,6 +253,38 @@ def test_tree_attention_matches_brute_force(dtype):
             torch.testing.assert_close(
                 output[start + node].double(), expected, atol=tolerance, rtol=0
             )
+    return output, before, kv_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_matches_brute_force(dtype):
+    tree = build_tree(SMALL)
+    # Three requests with interleaved blocks: the first's tree crosses a block boundary (its
+    # paths' nodes land in two blocks), the second verifies a cut tree (root + 3 nodes) and
+    # sits behind a plain decode token that the tree attention must leave alone, the third
+    # has two full context blocks before its tree. Several paths: a scratch copy.
+    masks = [tree.attention_mask[:n, :n] for n in (6, 4, 6)]
+    block_table = torch.tensor([[4, 1, 0], [2, 0, 0], [5, 3, 6]], dtype=torch.int32)
+    output, before, after = _tree_attention_against_brute_force(
+        dtype, masks, [29, 7, 70], [0, 7, 11], block_table, num_tokens=17, num_blocks=7
+    )
+    assert torch.equal(after, before)  # the paths were laid out in a scratch copy
+    assert output[6].isnan().all()  # not a tree row: untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_with_one_extra_path_uses_the_null_block(dtype):
+    from vllm_medusa.tree_attention import NULL_BLOCK
+
+    # A chain of 3, then a second child of the root: one path to compute again, whose tail
+    # is laid out in vLLM's null block; the context (two full blocks) is read in place.
+    mask = build_tree([[0], [0, 0], [0, 0, 0], [1]], ordered=True).attention_mask
+    block_table = torch.tensor([[2, 3, 1]], dtype=torch.int32)
+    _, before, after = _tree_attention_against_brute_force(
+        dtype, [mask], [70], [0], block_table, num_tokens=5, num_blocks=4
+    )
+    others = [b for b in range(4) if b != NULL_BLOCK]
+    assert torch.equal(after[others], before[others])
 
 
 def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():

@@ -260,6 +260,8 @@ def _builtin_heads(heads: str, model: str, folder: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_medusa.engine import default_dtype
+
     p = argparse.ArgumentParser(prog="vllm-medusa bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(default_model_path()))
     p.add_argument("--heads", default=str(default_heads_path()))
@@ -292,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="0: greedy; above 0: sampled, reported apart (e.g. 0 0.7 1.0)",
     )
     p.add_argument("--top-p", type=float, default=0.9, help="top-p of sampled runs")
-    p.add_argument("--dtype", default="float32", help="the engines' dtype (e.g. bfloat16)")
+    p.add_argument(
+        "--dtype",
+        default=default_dtype(),
+        help="the engines' dtype (default: bfloat16 where the CPU has AVX512-BF16 or AMX, "
+        "else float32; here %(default)s)",
+    )
     p.add_argument("-k", type=int, default=4, help="chain length (heads used by the chains)")
     p.add_argument(
         "--tree",

@@ -177,26 +177,26 @@ def probe_paths(depth: int, ranks: int) -> list[list[int]]:
     return [[0] * d + [r] for d in range(depth) for r in range(ranks)]
 
 
-def _heads_nodes(record: dict[str, Any]) -> int:
-    """How many of a step's drafted nodes are the heads' (the rest, after them, are nodes only
-    the copy branch proposed: `draft_tree.request_tree`)."""
-    return sum(d["path"] is not None for d in record["drafted"])
-
-
 def acceptance_from_records(
     records: list[dict[str, Any]], depth: int, ranks: int
 ) -> list[list[float]]:
     """[depth][rank] acceptance rates of the heads' nodes from debug records of one tree (0
-    where untried)."""
+    where untried). Nodes only a copy branch proposed are left out."""
     from vllm_medusa.debug import AcceptanceTable
     from vllm_medusa.tree import build_tree
 
     table = AcceptanceTable()
     for record in records:
-        heads = _heads_nodes(record)
-        tree = build_tree([d["path"] for d in record["drafted"][:heads]])
-        accepted = [n for n in record["accepted_nodes"] if n <= heads]
-        table.add(tree, heads, accepted)
+        paths = [tuple(d["path"]) for d in record["drafted"] if d["path"] is not None]
+        tree = build_tree([list(p) for p in paths])
+        # The accepted path's stretch of heads' nodes, as nodes of `tree`.
+        accepted = []
+        for node in record["accepted_nodes"]:
+            path = record["drafted"][node - 1]["path"]
+            if path is None:
+                break
+            accepted.append(tree.node(tuple(path)))
+        table.add(tree, tree.num_nodes, accepted)
     return [[table.rate(d + 1, r) or 0.0 for r in range(ranks)] for d in range(depth)]
 
 
@@ -459,6 +459,7 @@ def write_plot(calibration: Calibration, path: Path) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     from vllm_medusa.default_model import default_model_path
+    from vllm_medusa.engine import default_dtype
 
     p = argparse.ArgumentParser(prog="vllm-medusa calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--heads", required=True, help="Medusa heads folder")
@@ -469,7 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"output file (default: HEADS/{CALIBRATION_FILE} for float32, "
         "HEADS/medusa_calibration.DTYPE.json for another --dtype)",
     )
-    p.add_argument("--dtype", default="float32", help="the dtype engines will run in")
+    p.add_argument(
+        "--dtype",
+        default=default_dtype(),
+        help="the dtype engines will run in (default: bfloat16 where the CPU has AVX512-BF16 "
+        "or AMX, else float32; here %(default)s)",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 6, 8])
     p.add_argument("--num-prompts", type=int, default=32)

@@ -87,6 +87,31 @@ class DraftTree:
             )
         return self._prefixes[num_nodes]
 
+    def depth_first(self) -> tuple[DraftTree, list[int]]:
+        """The same tree numbered depth-first, each node's deepest branch first, and the old
+        number of each new node 1..n. vLLM's causal attention pass already gets the first
+        branch's rows right, so only the other branches' rows are computed again
+        (`vllm_medusa.tree_attention`), and accepting it moves no keys and values."""
+        height = [0] * len(self.parents)  # longest way down from each node
+        for node in range(len(self.parents) - 1, 0, -1):
+            parent = self.parents[node]
+            height[parent] = max(height[parent], height[node] + 1)
+        order, stack = [], [0]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            # Pushed shallowest last-first, so the deepest (earliest on ties) is popped next.
+            kids = sorted(self.children[node], key=lambda k: (-height[k], k))
+            stack.extend(reversed(kids))
+        new = {old: j for j, old in enumerate(order)}
+        old_nodes = order[1:]
+        tree = DraftTree(
+            tuple([-1] + [new[self.parents[old]] for old in old_nodes]),
+            tuple(self.ranks[old - 1] for old in old_nodes),
+            tuple(self.copied[old - 1] for old in old_nodes),
+        )
+        return tree, old_nodes
+
     def label(self, node: int) -> str:
         """What proposed a draft node: its ranks ("0.1"), "copy", or both ("0.1+copy")."""
         ranks = self.ranks[node - 1]

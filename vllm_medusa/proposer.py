@@ -125,7 +125,8 @@ class MedusaProposer(VllmMedusaProposer):
     ) -> tuple[list[DraftTree], list[list[int]]]:
         """Each request's own tree and draft tokens: the first `num_speculative_tokens`
         nodes of the static tree whose path probability under the heads passes the pruning
-        threshold, then the request's copy branch (`vllm_medusa.draft_tree.request_tree`)."""
+        threshold, then the request's copy branch (`vllm_medusa.draft_tree.request_tree`),
+        numbered depth-first, deepest branch first (`DraftTree.depth_first`)."""
         assert self.tree is not None
         num_reqs = target_hidden_states.shape[0]
         if num_speculative_tokens == 0:
@@ -151,21 +152,24 @@ class MedusaProposer(VllmMedusaProposer):
                 keep_per_request = (path_logprobs >= math.log(threshold)).T.tolist()
             if self.debug:
                 probs_per_request = node_logprobs.exp().T.tolist()
-        trees, drafts = [], []
+        trees, drafts, orders = [], [], []
         for r in range(num_reqs):
             tree, request_drafts = request_tree(
                 candidates, tokens_per_request[r], keep_per_request[r], copies[r].tolist()
             )
+            tree, order = tree.depth_first()
             trees.append(tree)
-            drafts.append(request_drafts)
+            drafts.append([request_drafts[old - 1] for old in order])
+            orders.append(order)
         if probs_per_request is not None:
             kept = [
                 [p for p, k in zip(probs, keeps, strict=True) if k]
                 for probs, keeps in zip(probs_per_request, keep_per_request, strict=True)
             ]
+            # request_tree numbers the kept Medusa nodes first, then the copy branch's own.
             self.last_draft_probs = [
-                row + [None] * (tree.num_nodes - len(row))
-                for row, tree in zip(kept, trees, strict=True)
+                [row[old - 1] if old <= len(row) else None for old in order]
+                for row, order in zip(kept, orders, strict=True)
             ]
             self.last_pruned = [n - len(row) for row in kept]
         return trees, drafts

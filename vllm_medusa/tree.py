@@ -72,6 +72,10 @@ class MedusaTree:
         """Draft tokens per request and step (the root excluded)."""
         return len(self.paths)
 
+    def node(self, path: tuple[int, ...]) -> int:
+        """The number (1..N) of the node at `path`."""
+        return self._index[path]
+
     @property
     def depth(self) -> int:
         """Heads the tree uses: the longest path."""

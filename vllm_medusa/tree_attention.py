@@ -44,18 +44,29 @@ class PathBatch:
     kernel can compute: one per root-to-leaf path, holding the path's rows not already right
     or taken by an earlier path (always the path's last ones, since what is right or taken is
     closed under ancestry). Each path's keys and values are laid out contiguously after its
-    request's context in a scratch copy of the request's blocks: full context blocks shared,
-    the blocks from the context's end copied per path, then the path's nodes moved into
-    place, so the kernel sees context + ancestors + node with a plain causal mask."""
+    request's context: its full context blocks as they are, then "tail" blocks that start as
+    copies of the blocks from the context's end, with the path's nodes moved into place, so
+    the kernel sees context + ancestors + node with a plain causal mask.
+
+    Where the step needs a single tail (one request, one extra path: the common case at batch
+    1), it is vLLM's null block in the cache itself, which no request owns and no attention
+    reads, so the context is read where it lies. Otherwise the kernel reads a scratch copy of
+    every block the paths use."""
 
     rows: torch.Tensor  # [Q] long: the step's token index of each recomputed row, path by path
     query_start_loc: torch.Tensor  # [P + 1] int32
     seq_lens: torch.Tensor  # [P] int32: context + path length
-    block_table: torch.Tensor  # [P, max_blocks] int32: blocks of the scratch cache
-    src_blocks: torch.Tensor  # [S] long: the cache block each scratch block starts as a copy of
+    block_table: torch.Tensor  # [P, max_blocks] int32: blocks of the cache the kernel reads
+    in_place: bool  # that cache is vLLM's own (else a scratch copy)
+    src_blocks: torch.Tensor  # [S] long: the blocks copied to the null block or the scratch
     move_src: torch.Tensor  # [E] long: elements of the cache (flat) that are moved ...
-    move_dst: torch.Tensor  # [E] long: ... to these of the scratch cache (flat)
+    move_dst: torch.Tensor  # [E] long: ... to these of the cache the kernel reads (flat)
     scheduler_metadata: torch.Tensor | None = None  # the kernel's, built by the first layer
+
+
+# vLLM's placeholder block (`BlockPool.null_block`): allocated to no request, read by no
+# attention, so a layer may use it as scratch while it runs.
+NULL_BLOCK = 0
 
 
 class TreeStep:
@@ -89,7 +100,8 @@ def _paths(
     stretch = 2 * layout.key_index.numel()  # values per (block, KV head)
     heads = torch.arange(num_kv_heads)
     rows, query_starts, seq_lens, tables = [], [0], [], []
-    src_blocks: list[int] = []
+    src_blocks: list[int] = []  # the scratch copy's blocks
+    tail_blocks: list[int] = []  # which of them are tails
     moves: list[tuple[int, int, int, int]] = []  # (cache block, offset, scratch block, offset)
     for seq in sequences:
         mask = seq.node_mask
@@ -113,6 +125,7 @@ def _paths(
             tails = []
             for t in range(-(-seq_len // block_size) - full):
                 tails.append(len(src_blocks))
+                tail_blocks.append(len(src_blocks))
                 src_blocks.append(table[min(full + t, used - 1)])
             tables.append(shared + tails)
             for depth, node in enumerate(path):
@@ -130,6 +143,13 @@ def _paths(
             rows += [seq.token_start + node for node in todo]
             query_starts.append(len(rows))
             seq_lens.append(seq_len)
+    in_place = len(tail_blocks) == 1
+    if in_place:
+        where = {i: block for i, block in enumerate(src_blocks)}
+        where[tail_blocks[0]] = NULL_BLOCK
+        tables = [[where[i] for i in table] for table in tables]
+        moves = [(block, offset, where[i], target) for block, offset, i, target in moves]
+        src_blocks = [src_blocks[tail_blocks[0]]]
     width = max(len(t) for t in tables)
     move = torch.tensor(moves, dtype=torch.long).view(-1, 4)
 
@@ -143,6 +163,7 @@ def _paths(
         query_start_loc=torch.tensor(query_starts, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        in_place=in_place,
         src_blocks=torch.tensor(src_blocks, dtype=torch.long),
         move_src=elements(move[:, 0], move[:, 1]),
         move_dst=elements(move[:, 2], move[:, 3]),
@@ -279,10 +300,14 @@ def attend_trees(
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             kv_cache_dtype=impl.kv_cache_dtype,
         )
-    scratch = kv_cache.index_select(0, paths.src_blocks)  # [S, kv_heads, block_size, 2 * head]
-    scratch.view(-1).index_copy_(0, paths.move_dst, kv_cache.view(-1)[paths.move_src])
-    key_cache, value_cache = scratch.view(
-        scratch.shape[0], num_kv_heads, 2 * block_size, two_head // 2
+    if paths.in_place:
+        cache = kv_cache
+        cache[NULL_BLOCK] = kv_cache[paths.src_blocks[0]]
+    else:
+        cache = kv_cache.index_select(0, paths.src_blocks)  # [S, kv_heads, block_size, 2 * head]
+    cache.view(-1).index_copy_(0, paths.move_dst, kv_cache.view(-1)[paths.move_src])
+    key_cache, value_cache = cache.view(
+        cache.shape[0], num_kv_heads, 2 * block_size, two_head // 2
     ).chunk(2, dim=2)
     rows = query.index_select(0, paths.rows)  # [Q, num_heads, head]
     attended = torch.empty_like(rows)
