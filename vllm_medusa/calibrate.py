@@ -479,7 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 6, 8])
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request measured")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=96,
+        help="tokens per request measured (answers of chat length: shorter ones measured "
+        "shorter contexts and more acceptance than served answers have)",
+    )
     p.add_argument(
         "--rounds", type=int, default=4, help="requests per batch size: max(1, ROUNDS / B) batches"
     )
