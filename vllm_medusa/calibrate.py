@@ -29,11 +29,17 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vllm_medusa.drafting import CONFIG_KEY, DRAFTING_ENV, DraftingError, configured_drafting
+from vllm_medusa.drafting import (
+    CONFIG_KEY,
+    DRAFTING_ENV,
+    Drafting,
+    DraftingError,
+    configured_drafting,
+)
 
 CALIBRATION_FILE = "medusa_calibration.json"
 
@@ -243,7 +249,8 @@ class _Engine:
     dtype: str
     tree: list[list[int]] | None  # None: no speculation
     env: dict[str, str] = field(default_factory=dict)
-    drafting: dict[str, Any] = field(default_factory=dict)  # over the heads' drafting settings
+    # Every drafting setting, in place of the heads' and the user's (empty: theirs).
+    drafting: dict[str, Any] = field(default_factory=dict)
 
     def __enter__(self):
         from vllm import LLM
@@ -256,7 +263,7 @@ class _Engine:
             spec = medusa_config(self.heads, num_speculative_tokens=len(self.tree))
         env = dict(self.env)
         if self.drafting:
-            env[DRAFTING_ENV] = json.dumps({**_drafting_env(), **self.drafting})
+            env[DRAFTING_ENV] = json.dumps(self.drafting)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -280,12 +287,6 @@ class _Engine:
         shutdown(self.llm)
 
 
-def _drafting_env() -> dict[str, Any]:
-    """The user's own `VLLM_MEDUSA_DRAFTING` settings, which the engines keep."""
-    value = os.environ.get(DRAFTING_ENV, "").strip()
-    return json.loads(value) if value else {}
-
-
 def _chat(llm, prompts: list[str], max_tokens: int) -> float:
     """Seconds to answer `prompts` in one batch, greedy, exactly `max_tokens` tokens each."""
     from vllm import SamplingParams
@@ -297,15 +298,23 @@ def _chat(llm, prompts: list[str], max_tokens: int) -> float:
 
 
 def probe_records(
-    model: str, heads: str, dtype: str, prompts: list[str], depth: int, ranks: int, tokens: int
+    model: str,
+    heads: str,
+    dtype: str,
+    drafting: Drafting,
+    prompts: list[str],
+    depth: int,
+    ranks: int,
+    tokens: int,
 ) -> list[dict[str, Any]]:
-    """Debug records of the probe tree verified on `prompts`, greedy, with the heads' copy
-    branches if they have them, and no pruning (every probe node is tried)."""
+    """Debug records of the probe tree verified on `prompts`, greedy, with the copy branches
+    `drafting` has, and no pruning (every probe node is tried)."""
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "steps.jsonl"
         env = {"VLLM_MEDUSA_DEBUG_FILE": str(records_path)}
         probe = probe_paths(depth, ranks)
-        with _Engine(model, heads, dtype, probe, env, {"prune_below": 0}) as llm:
+        unpruned = asdict(replace(drafting, prune_below=0.0))
+        with _Engine(model, heads, dtype, probe, env, unpruned) as llm:
             from vllm import SamplingParams
 
             conversations = [[{"role": "user", "content": p}] for p in prompts]
@@ -365,7 +374,14 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     progress = tqdm(total=1 + (1 + len(sizes)) * len(batch_sizes), desc="calibrating", unit="run")
 
     records = probe_records(
-        args.model, args.heads, args.dtype, prompts, depth, args.probe_ranks, args.max_tokens
+        args.model,
+        args.heads,
+        args.dtype,
+        drafting,
+        prompts,
+        depth,
+        args.probe_ranks,
+        args.max_tokens,
     )
     acceptance = acceptance_from_records(records, depth, args.probe_ranks)
     progress.update(1)

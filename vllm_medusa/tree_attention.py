@@ -5,9 +5,9 @@ runs for the whole batch (prefill chunks, plain decodes and trees alike), which 
 every tree row whose ancestors are all the rows before it (the root, and the tree's first
 branch as far as it is a chain). The other rows are computed again by the same kernel: each
 root-to-leaf path is a causal sequence of its own (context, then the path's nodes), laid out
-in a scratch copy of the request's blocks, so a node sees the request's context, its ancestors
-and itself. The tree tokens' keys and values are already in the cache at their slots (context
-+ node index) when this runs.
+in vLLM's null block or a scratch copy of the request's blocks (`PathBatch`), so a node sees
+the request's context, its ancestors and itself. The tree tokens' keys and values are
+already in the cache at their slots (context + node index) when this runs.
 
 How a block stores its keys and values is the kernel's business and differs between its
 instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
@@ -277,9 +277,8 @@ def attend_trees(
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
     output: torch.Tensor,  # [num_tokens, num_heads, head]: wrong rows overwritten
 ) -> None:
-    """The wrong rows again, through vLLM's own kernel over the paths' scratch blocks
-    (`PathBatch`): a handful of tensor calls per layer whatever the trees' shapes, where
-    masked matmuls in Python cost about ten, each slower than the kernel's whole pass."""
+    """The wrong rows again, through vLLM's own kernel over the paths' blocks (`PathBatch`):
+    a handful of tensor calls per layer whatever the trees' shapes."""
     from vllm import _custom_ops as ops
     from vllm import envs
 

@@ -185,7 +185,6 @@ def _sample_tree(runner: Any, logits: torch.Tensor, spec_metadata: Any):
         _walk_typical(runner, walk, trees, logits, num_drafts, spec_metadata, typical, limits)
     width = max(num_drafts) + 1
     runner._medusa_last_nodes = walk.last_nodes
-    runner._medusa_step_trees = None  # this step's, used
     debug = _debug(runner)
     if debug is not None:
         debug.record_step(
