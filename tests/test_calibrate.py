@@ -16,6 +16,7 @@ from vllm_medusa.calibrate import (
     Calibration,
     CalibrationError,
     acceptance_from_records,
+    acceptance_scale,
     choose_schedule,
     copy_gain,
     heads_fingerprint,
@@ -23,9 +24,10 @@ from vllm_medusa.calibrate import (
     mismatch,
     model_identity,
     probe_paths,
+    pruning_survival,
 )
 from vllm_medusa.heads import default_heads_path
-from vllm_medusa.tree import best_tree
+from vllm_medusa.tree import best_tree, build_tree, expected_acceptance_length
 
 ACCEPTANCE = [[0.3, 0.1, 0.05], [0.25, 0.1, 0.05], [0.2, 0.1, 0.0]]
 
@@ -103,6 +105,53 @@ def test_copy_branches_count_in_the_expected_length_not_in_the_heads_table():
     # Node 1 is both (0) and the copy branch's first token: a gain only for a tree without (0).
     shared = [{"drafted": drafted[:2], "accepted_nodes": [1]}]
     assert copy_gain(shared, [(0,)]) == 0 and copy_gain(shared, [(1,)]) == 1
+
+
+def test_expected_length_counts_only_nodes_pruning_keeps():
+    # The probe [(0), (1), (0, 0)], drafted unpruned; the heads' probabilities recorded.
+    drafted = [
+        {"path": [0], "copy": False, "prob": 0.5},
+        {"path": [1], "copy": False, "prob": 0.05},
+        {"path": [0, 0], "copy": False, "prob": 0.3},  # path probability 0.15
+        {"path": None, "copy": True, "prob": None},  # a copy branch below (0, 0)
+    ]
+    records = [
+        {"drafted": drafted, "accepted_nodes": [1, 3, 4]},
+        {"drafted": drafted, "accepted_nodes": [2]},
+        {"drafted": drafted, "accepted_nodes": [1]},
+    ]
+    acceptance = acceptance_from_records(records, depth=2, ranks=2)
+    assert acceptance == [[2 / 3, 1 / 3], [1 / 2, 0.0]]
+    # At 0.1: (0) always kept, (1) (0.05) never, (0, 0) (0.15) kept; at 0.2 (0, 0) goes too.
+    assert pruning_survival(records, 2, 2, 0.1) == [[1.0, 0.0], [1.0, 1.0]]
+    assert pruning_survival(records, 2, 2, 0.2) == [[1.0, 0.0], [0.0, 1.0]]
+    assert pruning_survival(records, 2, 2, 0.0) == [[1.0, 1.0], [1.0, 1.0]]
+    tree = build_tree([[0], [1], [0, 0]])
+    unpruned = expected_acceptance_length(acceptance, tree)
+    assert unpruned == pytest.approx(1 + 2 / 3 + 1 / 3 + 1 / 3)
+    survival = pruning_survival(records, 2, 2, 0.2)
+    assert expected_acceptance_length(acceptance, tree, survival) == pytest.approx(1 + 2 / 3)
+    # No copy branch run from the root in these records: nothing to add.
+    assert copy_gain(records, list(tree.paths), 0.0) == 0
+    # Where (0) and (0, 0) are also the copy branch's tokens, the branch's accepted run of 3
+    # counts beyond the heads' stretch that pruning keeps.
+    merged = [dict(d, copy=True) if d["path"] in ([0], [0, 0]) else d for d in drafted]
+    with_copy = [{"drafted": merged, "accepted_nodes": [1, 3, 4]}]
+    assert copy_gain(with_copy, list(tree.paths), 0.0) == 1  # 3 copied against 2 inside
+    assert copy_gain(with_copy, list(tree.paths), 0.2) == 2  # 3 copied against 1 kept
+
+
+def test_acceptance_scale_pools_the_timed_engines_against_the_probe():
+    expected = {(1, 0): 1.0, (1, 2): 1.5, (1, 4): 2.0, (8, 2): 1.5}
+    measured = {
+        (1, 0): {"measured_acceptance": 1.0},
+        (1, 2): {"measured_acceptance": 1.4},
+        (1, 4): {"measured_acceptance": 1.6},
+        (8, 2): {"measured_acceptance": 1.5},
+    }
+    # Drafts accepted: 0.4 + 0.6 + 0.5 measured against 0.5 + 1.0 + 0.5 expected.
+    assert acceptance_scale(expected, measured) == pytest.approx(1.5 / 2.0)
+    assert acceptance_scale({(1, 0): 1.0}, {(1, 0): {"measured_acceptance": 1.0}}) == 1.0
 
 
 def test_schedule_keeps_no_speculation_unless_clearly_ahead():

@@ -3,7 +3,9 @@
 Engines on the same prompts: no speculation, vLLM's built-in Medusa (this plugin disabled
 through `VLLM_PLUGINS`), this plugin at the heads' defaults (`plugin`: their calibration, if
 any), with a chain of k heads, and with a tree (`--tree`), each in its own process so that
-one engine's plugin state or memory never touches another's. Batch size b means b requests
+one engine's plugin state or memory never touches another's. The engines are all up at once
+and take turns, one at a time, batch size by batch size and run by run, so that a machine
+whose speed drifts over minutes shifts every configuration alike. Batch size b means b requests
 in flight: the prompts go in groups of b, one group after another (b=1: one prompt at a
 time). `--spec-schedule` hands the plugin's chain and tree engines vLLM's
 `num_speculative_tokens_per_batch_size`. Greedy runs' outputs are compared with the
@@ -51,83 +53,121 @@ DEFAULT_CONFIGS = (
 )
 # Typical acceptance (not exact) on the plugin's chain and tree: VLLM_MEDUSA_TYPICAL=1.
 CONFIGS = (*DEFAULT_CONFIGS, "plugin-chain-typical", "plugin-tree-typical")
+# Each engine's KV cache: every configuration's engine is up at once, and 16 requests of a
+# Spec-Bench prompt and 128 new tokens in float32 need about 0.6 GiB.
+BENCH_KV_CACHE_BYTES = 1 << 30
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """Run one engine configuration and write its raw measurements as JSON."""
+    """Serve one engine configuration: start it, then run the cells the parent names on stdin
+    ("TEMPERATURE BATCH RUN", one per line; "exit" ends) and answer "done" on the control
+    pipe after each; at exit, write the raw measurements as JSON."""
     from vllm import LLM, SamplingParams
 
     from vllm_medusa.distill import load_prompts
     from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
-    from vllm_medusa.metrics import spec_decode_stats
 
     prompts = _select(load_prompts(args.prompts, split=args.split), args)
     categories = [p.category for p in prompts]
-    prompts = [p.turns[0] for p in prompts]
+    conversations = [[{"role": "user", "content": p.turns[0]}] for p in prompts]
     spec = None if args.config == "none" else medusa_config(args.heads, args.k)
     if spec and args.spec_schedule and args.config.startswith("plugin-"):
         spec["num_speculative_tokens_per_batch_size"] = json.loads(args.spec_schedule)
     llm = LLM(
         model=args.model,
         speculative_config=spec,
-        **engine_kwargs(max_num_seqs=max(args.batch_sizes), dtype=args.dtype),
+        # Every configuration's engine stays up for the whole benchmark: a cache sized for
+        # the benchmark's requests, not the default's 2 GiB each.
+        **engine_kwargs(
+            max_num_seqs=max(args.batch_sizes),
+            dtype=args.dtype,
+            kv_cache_memory_bytes=BENCH_KV_CACHE_BYTES,
+        ),
     )
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
     llm.chat(conversations[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    control = os.fdopen(args.control_fd, "w")
+    control.write("ready\n")
+    control.flush()
     runs = []
-    for temperature, batch in itertools.product(args.temperatures, args.batch_sizes):
-        params = SamplingParams(
-            temperature=temperature,
-            top_p=args.top_p if temperature else 1.0,
-            max_tokens=args.max_tokens,
+    for line in sys.stdin:
+        if line.strip() == "exit":
+            break
+        temperature, batch, run = line.split()
+        record = _run_cell(
+            llm, args, conversations, categories, float(temperature), int(batch), int(run)
         )
-        for run in range(args.runs):
-            before = spec_decode_stats(llm) if spec else None
-            # Greedy batch 1, first run: acceptance per prompt, summed per category.
-            per_prompt = spec and batch == 1 and not temperature and run == 0
-            per_category: dict[str, list[int]] = {}  # category -> [drafts, accepted]
-            start = time.perf_counter()
-            outputs = []
-            for group in range(0, len(conversations), batch):
-                chats = conversations[group : group + batch]
-                if per_prompt:
-                    seconds_before = time.perf_counter()
-                    stats_before = spec_decode_stats(llm)
-                    # Reading the counters is not part of the timed work.
-                    start += time.perf_counter() - seconds_before
-                outputs += llm.chat(chats, params, use_tqdm=False)
-                if per_prompt:
-                    seconds_before = time.perf_counter()
-                    step = spec_decode_stats(llm).minus(stats_before)
-                    cell = per_category.setdefault(categories[group], [0, 0])
-                    cell[0] += step.num_drafts
-                    cell[1] += step.num_accepted_tokens
-                    start += time.perf_counter() - seconds_before
-            seconds = time.perf_counter() - start
-            tokens = [list(o.outputs[0].token_ids) for o in outputs]
-            record = {
-                "temperature": temperature,
-                "batch": batch,
-                "run": run,
-                "seconds": seconds,
-                "tokens": sum(len(t) for t in tokens),
-                "token_ids": tokens,
-            }
-            if temperature:
-                record["logprob_sum"] = _target_logprob_sum(llm, outputs)
-            if spec:
-                record["spec"] = spec_decode_stats(llm).minus(before).as_dict()
-            if per_category:
-                record["per_category"] = per_category
-            runs.append(record)
-            print(
-                f"[{args.config}] temperature {temperature} batch {batch} run {run}: "
-                f"{record['tokens'] / seconds:.1f} tok/s",
-                file=sys.stderr,
-            )
+        runs.append(record)
+        print(
+            f"[{args.config}] temperature {temperature} batch {batch} run {run}: "
+            f"{record['tokens'] / record['seconds']:.1f} tok/s",
+            file=sys.stderr,
+        )
+        control.write("done\n")
+        control.flush()
     shutdown(llm)
     Path(args.worker_out).write_text(json.dumps(runs))
     return 0
+
+
+def _run_cell(
+    llm,
+    args: argparse.Namespace,
+    conversations: list[list[dict]],
+    categories: list[str],
+    temperature: float,
+    batch: int,
+    run: int,
+) -> dict:
+    """Every prompt once, in groups of `batch` requests: seconds, tokens and what was
+    accepted."""
+    from vllm import SamplingParams
+
+    from vllm_medusa.metrics import spec_decode_stats
+
+    spec = args.config != "none"
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=args.top_p if temperature else 1.0,
+        max_tokens=args.max_tokens,
+    )
+    before = spec_decode_stats(llm) if spec else None
+    # Greedy batch 1, first run: acceptance per prompt, summed per category.
+    per_prompt = spec and batch == 1 and not temperature and run == 0
+    per_category: dict[str, list[int]] = {}  # category -> [drafts, accepted]
+    start = time.perf_counter()
+    outputs = []
+    for group in range(0, len(conversations), batch):
+        chats = conversations[group : group + batch]
+        if per_prompt:
+            seconds_before = time.perf_counter()
+            stats_before = spec_decode_stats(llm)
+            # Reading the counters is not part of the timed work.
+            start += time.perf_counter() - seconds_before
+        outputs += llm.chat(chats, params, use_tqdm=False)
+        if per_prompt:
+            seconds_before = time.perf_counter()
+            step = spec_decode_stats(llm).minus(stats_before)
+            cell = per_category.setdefault(categories[group], [0, 0])
+            cell[0] += step.num_drafts
+            cell[1] += step.num_accepted_tokens
+            start += time.perf_counter() - seconds_before
+    seconds = time.perf_counter() - start
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    record = {
+        "temperature": temperature,
+        "batch": batch,
+        "run": run,
+        "seconds": seconds,
+        "tokens": sum(len(t) for t in tokens),
+        "token_ids": tokens,
+    }
+    if temperature:
+        record["logprob_sum"] = _target_logprob_sum(llm, outputs)
+    if spec:
+        record["spec"] = spec_decode_stats(llm).minus(before).as_dict()
+    if per_category:
+        record["per_category"] = per_category
+    return record
 
 
 def _select(prompts: list, args: argparse.Namespace) -> list:
@@ -322,7 +362,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     return p
+
+
+def _worker_command(args: argparse.Namespace, config: str, heads: str, out: Path) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "vllm_medusa.benchmark",
+        "--config", config, "--worker-out", str(out), "--heads", heads, "--model", args.model,
+        "--num-prompts", str(args.num_prompts), "--per-category", str(args.per_category),
+        "--max-tokens", str(args.max_tokens), "--runs", str(args.runs), "-k", str(args.k),
+        "--batch-sizes", *map(str, args.batch_sizes),
+        "--temperatures", *map(str, args.temperatures),
+        "--top-p", str(args.top_p), "--dtype", args.dtype,
+    ]  # fmt: skip
+    if args.spec_schedule:
+        cmd += ["--spec-schedule", args.spec_schedule]
+    if args.prompts:
+        cmd += ["--prompts", args.prompts]
+    if args.split:
+        cmd += ["--split", args.split]
+    return cmd
+
+
+def _worker_env(args: argparse.Namespace, config: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (TREE_ENV, TYPICAL_ENV, DRAFTING_ENV):
+        env.pop(name, None)
+    if config == "vllm-medusa-builtin":
+        env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM's own Medusa
+    elif config.startswith("plugin-chain"):
+        env[TREE_ENV] = f"chain:{args.k}"
+    elif config.startswith("plugin-tree"):
+        env[TREE_ENV] = args.tree
+    if config.startswith(("plugin-chain", "plugin-tree")):
+        env[DRAFTING_ENV] = json.dumps({"copy": False, "prune_below": 0})
+    elif config == "plugin-copy":
+        env[DRAFTING_ENV] = args.drafting
+    if config.endswith("-typical"):
+        env[TYPICAL_ENV] = "1"
+    return env
+
+
+class _Worker:
+    """One configuration's engine in its own process (so that one engine's plugin state or
+    memory never touches another's), idle until told to run a cell."""
+
+    def __init__(self, args: argparse.Namespace, config: str, tmp: Path) -> None:
+        heads = args.heads
+        if config == "vllm-medusa-builtin":
+            heads = _builtin_heads(args.heads, args.model, tmp)
+        self.config = config
+        self.out = tmp / f"{config}.json"
+        read_fd, write_fd = os.pipe()
+        cmd = _worker_command(args, config, heads, self.out) + ["--control-fd", str(write_fd)]
+        self.process = subprocess.Popen(
+            cmd, env=_worker_env(args, config), stdin=subprocess.PIPE, pass_fds=(write_fd,),
+            text=True,
+        )  # fmt: skip
+        os.close(write_fd)
+        self.control = os.fdopen(read_fd)
+        self._expect("ready")
+
+    def _expect(self, word: str) -> None:
+        line = self.control.readline().strip()
+        if line != word:
+            self.process.kill()
+            raise RuntimeError(f"benchmark engine {self.config!r} stopped (see its log above)")
+
+    def run(self, temperature: float, batch: int, run: int) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{temperature} {batch} {run}\n")
+        self.process.stdin.flush()
+        self._expect("done")
+
+    def finish(self) -> list[dict]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("exit\n")
+        self.process.stdin.close()
+        if self.process.wait() != 0:
+            raise RuntimeError(f"benchmark engine {self.config!r} failed at exit")
+        return json.loads(self.out.read_text())
+
+
+def _run_alternated(args: argparse.Namespace, tmp: Path) -> dict[str, list[dict]]:
+    """Every configuration's engine up at once, one running at a time, taking turns cell by
+    cell (temperature, batch size, run), and each run in a rotated order: a machine whose
+    speed drifts over minutes moves every configuration alike, instead of favouring
+    whichever ran while it was fast."""
+    workers: list[_Worker] = []
+    try:
+        for config in args.configs:
+            workers.append(_Worker(args, config, tmp))
+        for temperature, batch in itertools.product(args.temperatures, args.batch_sizes):
+            for run in range(args.runs):
+                shift = run % len(workers)
+                for worker in workers[shift:] + workers[:shift]:
+                    worker.run(temperature, batch, run)
+        return {worker.config: worker.finish() for worker in workers}
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,70 +482,15 @@ def main(argv: list[str] | None = None) -> int:
         args.split = "heldout"
     if args.worker_out:
         return _worker(args)
-    raw: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for config in args.configs:
-            heads = args.heads
-            env = dict(os.environ)
-            env.pop(TREE_ENV, None)
-            env.pop(TYPICAL_ENV, None)
-            env.pop(DRAFTING_ENV, None)
-            if config == "vllm-medusa-builtin":
-                heads = _builtin_heads(args.heads, args.model, Path(tmp))
-                env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: vLLM's own Medusa
-            elif config.startswith("plugin-chain"):
-                env[TREE_ENV] = f"chain:{args.k}"
-            elif config.startswith("plugin-tree"):
-                env[TREE_ENV] = args.tree
-            if config.startswith(("plugin-chain", "plugin-tree")):
-                env[DRAFTING_ENV] = json.dumps({"copy": False, "prune_below": 0})
-            elif config == "plugin-copy":
-                env[DRAFTING_ENV] = args.drafting
-            if config.endswith("-typical"):
-                env[TYPICAL_ENV] = "1"
-            out = Path(tmp) / f"{config}.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "vllm_medusa.benchmark",
-                "--config",
-                config,
-                "--worker-out",
-                str(out),
-                "--heads",
-                heads,
-                "--model",
-                args.model,
-                "--num-prompts",
-                str(args.num_prompts),
-                "--per-category",
-                str(args.per_category),
-                "--max-tokens",
-                str(args.max_tokens),
-                "--runs",
-                str(args.runs),
-                "-k",
-                str(args.k),
-                "--batch-sizes",
-                *map(str, args.batch_sizes),
-                "--temperatures",
-                *map(str, args.temperatures),
-                "--top-p",
-                str(args.top_p),
-                "--dtype",
-                args.dtype,
-            ]
-            if args.spec_schedule:
-                cmd += ["--spec-schedule", args.spec_schedule]
-            if args.prompts:
-                cmd += ["--prompts", args.prompts]
-            if args.split:
-                cmd += ["--split", args.split]
-            subprocess.run(cmd, env=env, check=True)
-            raw[config] = json.loads(out.read_text())
+        raw = _run_alternated(args, Path(tmp))
     rows = _summarise(raw, args.temperatures, args.batch_sizes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("config", "worker_out", "out")}
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("config", "worker_out", "control_fd", "out")
+    }
     args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
     print(format_table(rows))
     print(format_categories(rows))

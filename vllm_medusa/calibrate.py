@@ -12,7 +12,13 @@ draft count per batch size that are fastest here, for the plugin to use by defau
 3. Step cost: for each size n (0: no speculation) an engine with that tree and the heads'
    drafting settings (copy branches, pruning: as they will run) decodes batches of B
    requests; the decode time and the tokens vLLM counts as accepted give the time of a step.
-4. Choice: predicted tokens/s = B x expected acceptance length (steps 1-2) / step time.
+   The engines are up at once and take turns round by round: on a machine whose speed drifts
+   over minutes (shared cloud machines drift by a quarter), engines measured one after
+   another would differ by the drift.
+4. Choice: predicted tokens/s = B x expected acceptance length / step time. The expected
+   length counts the heads' nodes that pruning keeps (as the probe records show) and the copy
+   branch's gain, its drafts scaled by what the timed engines of step 3 accepted against that
+   expectation, pooled (`acceptance_scale`).
    Per batch size the fastest n wins, but only if it beats no speculation by `--margin`.
 
 The result is written beside the heads (`medusa_calibration.json`), with what it was
@@ -23,6 +29,7 @@ measured on; engines that name those heads and set no tree or schedule of their 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -53,6 +60,9 @@ def calibration_file(dtype: str) -> str:
 
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+# Each calibration engine's KV cache: the timed engines of every tree size are up at once,
+# and 16 requests of a prompt and 96 tokens need a fraction of this.
+ENGINE_KV_CACHE_BYTES = 1 << 30
 # vLLM caps a schedule's last range at the engine's max_num_seqs.
 LAST_BATCH_SIZE = 1024
 
@@ -74,6 +84,9 @@ class Calibration:
     measurements: list[dict[str, Any]] = field(default_factory=list)
     # The heads' drafting settings the steps were measured with (`vllm_medusa.drafting`).
     drafting: dict[str, Any] | None = None
+    # Drafts accepted per step in the timed engines over those the probe expects (see
+    # `acceptance_scale`); predictions use the expected drafts times this.
+    acceptance_scale: float = 1.0
     version: int = FORMAT_VERSION
 
 
@@ -206,10 +219,53 @@ def acceptance_from_records(
     return [[table.rate(d + 1, r) or 0.0 for r in range(ranks)] for d in range(depth)]
 
 
-def copy_gain(records: list[dict[str, Any]], paths: list[tuple[int, ...]]) -> float:
+def _accepted_heads_stretch(record: dict[str, Any], prune_below: float) -> list[tuple[int, ...]]:
+    """The paths of the accepted heads' nodes of one step, from the root, up to the first node
+    only a copy branch proposed or that pruning at `prune_below` would have dropped (its path
+    probability under the heads below the threshold, as `MedusaProposer.propose_trees`)."""
+    stretch = []
+    path_prob = 1.0
+    drafted = record["drafted"]
+    for node in record["accepted_nodes"]:
+        draft = drafted[node - 1]
+        if draft["path"] is None:
+            break
+        if prune_below > 0:
+            path_prob *= draft["prob"] if draft.get("prob") is not None else 1.0
+            if path_prob < prune_below:
+                break
+        stretch.append(tuple(draft["path"]))
+    return stretch
+
+
+def pruning_survival(
+    records: list[dict[str, Any]], depth: int, ranks: int, prune_below: float
+) -> list[list[float]]:
+    """[depth][rank]: of the heads' nodes the target accepted, the share that pruning at
+    `prune_below` keeps (1 where none was accepted). The probe drafts unpruned, so without this
+    the expected length counts nodes that users' engines never draft."""
+    kept = [[0] * ranks for _ in range(depth)]
+    total = [[0] * ranks for _ in range(depth)]
+    for record in records:
+        unpruned = _accepted_heads_stretch(record, 0.0)
+        survived = len(_accepted_heads_stretch(record, prune_below))
+        for i, path in enumerate(unpruned):
+            d, r = len(path) - 1, path[-1]
+            if d < depth and r < ranks:
+                total[d][r] += 1
+                kept[d][r] += i < survived
+    return [
+        [k / t if t else 1.0 for k, t in zip(ks, ts, strict=True)]
+        for ks, ts in zip(kept, total, strict=True)
+    ]
+
+
+def copy_gain(
+    records: list[dict[str, Any]], paths: list[tuple[int, ...]], prune_below: float = 0.0
+) -> float:
     """Mean tokens per step that a copy branch adds to a tree of `paths`: per step, how much
     longer the accepted run along the copy branch is than the accepted path's stretch inside
-    the tree (0 without copy branches)."""
+    the tree (after pruning at `prune_below`; 0 without copy branches)."""
     if not records:
         return 0.0
     tree = set(paths)
@@ -218,10 +274,23 @@ def copy_gain(records: list[dict[str, Any]], paths: list[tuple[int, ...]]) -> fl
         drafted = record["drafted"]
         accepted = [drafted[n - 1] for n in record["accepted_nodes"]]
         copied = next((i for i, d in enumerate(accepted) if not d["copy"]), len(accepted))
-        outside = [d["path"] is None or tuple(d["path"]) not in tree for d in accepted]
-        inside = outside.index(True) if True in outside else len(accepted)
+        stretch = _accepted_heads_stretch(record, prune_below)
+        inside = next((i for i, p in enumerate(stretch) if p not in tree), len(stretch))
         gain += max(0, copied - inside)
     return gain / len(records)
+
+
+def acceptance_scale(
+    expected: dict[tuple[int, int], float], measured: dict[tuple[int, int], dict[str, float]]
+) -> float:
+    """Accepted drafts per step that the timed engines measured, over those the probe's table
+    expects, pooled over every batch size and tree size. The probe answers until EOS and the
+    timed engines decode a fixed length, which accept differently; the table ranks trees, and
+    this one factor, measured over every timed engine at once, sets the level (each engine's
+    own count is too few steps to trust alone)."""
+    drafts = [(expected[k] - 1.0, row["measured_acceptance"] - 1.0) for k, row in measured.items()]
+    predicted = sum(e for e, _ in drafts)
+    return sum(m for _, m in drafts) / predicted if predicted > 0 else 1.0
 
 
 def choose_schedule(
@@ -271,7 +340,11 @@ class _Engine:
                 self.llm = LLM(
                     model=self.model,
                     speculative_config=spec,
-                    **engine_kwargs(dtype=self.dtype, enable_prefix_caching=False),
+                    **engine_kwargs(
+                        dtype=self.dtype,
+                        enable_prefix_caching=False,
+                        kv_cache_memory_bytes=ENGINE_KV_CACHE_BYTES,
+                    ),
                 )
         finally:
             for k, v in saved.items():
@@ -324,33 +397,45 @@ def probe_records(
 
 
 def measure_steps(
-    llm, n: int, batch_sizes: list[int], prompts: list[str], tokens: int, rounds: int, progress
-) -> dict[int, dict[str, float]]:
-    """Per batch size B: the time of one decode step with B requests of n draft nodes each,
-    and the decode tokens/s measured. Each round decodes B requests of `tokens` tokens (EOS
-    ignored) after timing their prefill alone; rounds use different prompts. A request's
-    decode steps are its decoded tokens less the drafts it accepted, which counts the steps
-    where pruning left it nothing to draft as well."""
+    engines: dict[int, Any],
+    batch_sizes: list[int],
+    prompts: list[str],
+    tokens: int,
+    rounds: int,
+    progress,
+) -> dict[tuple[int, int], dict[str, float]]:
+    """Per batch size B and engine of n draft nodes (0: no speculation): the time of one
+    decode step with B requests, and the decode tokens/s measured. Each round decodes B
+    requests of `tokens` tokens (EOS ignored) after timing their prefill alone; rounds use
+    different prompts, and every engine runs each round in turn, in an order rotated round
+    by round, so that a machine whose speed drifts over minutes moves every tree size alike.
+    A request's decode steps are its decoded tokens less the drafts it accepted, which counts
+    the steps where pruning left it nothing to draft as well."""
     from vllm_medusa.metrics import spec_decode_stats
 
     results = {}
+    sizes = list(engines)
     for b in batch_sizes:
-        decode = 0.0
-        before = spec_decode_stats(llm) if n else None
+        decode = dict.fromkeys(sizes, 0.0)
+        before = {n: spec_decode_stats(engines[n]) for n in sizes if n}
         batches = max(1, rounds // b)
         for i in range(batches):
             batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
-            prefill = _chat(llm, batch, 1)
-            decode += max(_chat(llm, batch, tokens) - prefill, 1e-6)
+            for n in sizes[i % len(sizes) :] + sizes[: i % len(sizes)]:
+                prefill = _chat(engines[n], batch, 1)
+                decode[n] += max(_chat(engines[n], batch, tokens) - prefill, 1e-6)
         decoded = batches * b * (tokens - 1)  # the first token of each request is prefill's
-        accepted = spec_decode_stats(llm).minus(before).num_accepted_tokens if n else 0
-        steps = (decoded - accepted) / b
-        results[b] = {
-            "step_ms": 1000 * decode / steps,
-            "measured_tok_s": decoded / decode,
-            "measured_acceptance": decoded / (decoded - accepted),
-        }
-        progress.update(1)
+        for n in sizes:
+            accepted = (
+                spec_decode_stats(engines[n]).minus(before[n]).num_accepted_tokens if n else 0
+            )
+            steps = (decoded - accepted) / b
+            results[(b, n)] = {
+                "step_ms": 1000 * decode[n] / steps,
+                "measured_tok_s": decoded / decode[n],
+                "measured_acceptance": decoded / (decoded - accepted),
+            }
+            progress.update(1)
     return results
 
 
@@ -384,30 +469,41 @@ def calibrate(args: argparse.Namespace) -> Calibration:
         args.max_tokens,
     )
     acceptance = acceptance_from_records(records, depth, args.probe_ranks)
+    survival = pruning_survival(records, depth, args.probe_ranks, drafting.prune_below)
     progress.update(1)
     tree = best_tree(acceptance, max(sizes))
-    measured: dict[tuple[int, int], dict[str, float]] = {}
-    for n in [0, *sizes]:
-        paths = [list(p) for p in tree.paths[:n]] or None
-        with _Engine(args.model, args.heads, args.dtype, paths) as llm:
-            for b, row in measure_steps(
-                llm, n, batch_sizes, prompts, args.max_tokens, args.rounds, progress
-            ).items():
-                measured[(b, n)] = row
+    with contextlib.ExitStack() as stack:
+        engines = {
+            n: stack.enter_context(
+                _Engine(
+                    args.model, args.heads, args.dtype, [list(p) for p in tree.paths[:n]] or None
+                )
+            )
+            for n in [0, *sizes]
+        }
+        measured = measure_steps(
+            engines, batch_sizes, prompts, args.max_tokens, args.rounds, progress
+        )
     progress.close()
 
+    expected = {}
+    for b, n in measured:
+        expected[(b, n)] = 1.0
+        if n:
+            prefix = best_tree(acceptance, n)
+            # Drafted as users' engines draft: pruned nodes add nothing, a copy branch adds
+            # what it is accepted beyond the tree.
+            expected[(b, n)] = expected_acceptance_length(acceptance, prefix, survival) + copy_gain(
+                records, list(prefix.paths), drafting.prune_below
+            )
+    scale = acceptance_scale(expected, measured)
     predicted = {}
     measurements = []
     for (b, n), row in sorted(measured.items()):
-        expected = 1.0
-        if n:
-            prefix = best_tree(acceptance, n)
-            expected = expected_acceptance_length(acceptance, prefix) + copy_gain(
-                records, [tuple(p) for p in prefix.paths]
-            )
-        predicted[(b, n)] = b * expected / (row["step_ms"] / 1000)
+        length = 1.0 + scale * (expected[(b, n)] - 1.0)
+        predicted[(b, n)] = b * length / (row["step_ms"] / 1000)
         measurements.append(
-            {"batch_size": b, "draft_nodes": n, "expected_acceptance": expected,
+            {"batch_size": b, "draft_nodes": n, "expected_acceptance": expected[(b, n)],
              "predicted_tok_s": predicted[(b, n)], **row}
         )  # fmt: skip
     schedule = choose_schedule(predicted, batch_sizes, args.margin)
@@ -423,6 +519,7 @@ def calibrate(args: argparse.Namespace) -> Calibration:
         schedule=schedule,
         measurements=measurements,
         drafting=asdict(drafting),
+        acceptance_scale=round(scale, 4),
     )
 
 

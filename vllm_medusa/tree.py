@@ -220,10 +220,19 @@ def path_probability(acceptance: Sequence[Sequence[float]], path: Sequence[int])
     return probability
 
 
-def expected_acceptance_length(acceptance: Sequence[Sequence[float]], tree: MedusaTree) -> float:
+def expected_acceptance_length(
+    acceptance: Sequence[Sequence[float]],
+    tree: MedusaTree,
+    survival: Sequence[Sequence[float]] | None = None,
+) -> float:
     """Tokens a step emits on average: the bonus token plus, per node, the chance it is
-    accepted (siblings are distinct tokens, so at most one child of a node is)."""
-    return 1.0 + sum(path_probability(acceptance, p) for p in tree.paths)
+    accepted (siblings are distinct tokens, so at most one child of a node is), times the
+    share of accepted nodes of its [depth][rank] that confidence pruning keeps (`survival`;
+    none: every node is drafted)."""
+    return 1.0 + sum(
+        path_probability(acceptance, p) * (survival[len(p) - 1][p[-1]] if survival else 1.0)
+        for p in tree.paths
+    )
 
 
 def best_tree(
