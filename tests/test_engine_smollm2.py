@@ -18,7 +18,7 @@ from vllm_medusa.distill import (
 )
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
 from vllm_medusa.heads import default_heads_path
-from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
+from vllm_medusa.metrics import SpecDecodeStats, count_spec_decoding, spec_decode_stats
 
 MAX_TOKENS = 64
 # Held-out prompts: never seen by the shipped heads in training.
@@ -35,12 +35,17 @@ def generate(llm: LLM, batch: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def run_engine(model: Path, heads: Path | None) -> tuple[dict[int, list], SpecDecodeStats]:
+def run_engine(
+    model: Path, heads: Path | None
+) -> tuple[dict[int, list], SpecDecodeStats, SpecDecodeStats]:
+    """Outputs at batch 1 and 8, vLLM's counters, and the engine's own count of the same."""
     spec = None if heads is None else medusa_config(heads, num_speculative_tokens=4)
     llm = LLM(model=str(model), speculative_config=spec, **engine_kwargs(max_num_seqs=8))
     try:
+        before = spec_decode_stats(llm)
+        counted = count_spec_decoding(llm)
         outputs = {batch: generate(llm, batch) for batch in (1, 8)}
-        return outputs, spec_decode_stats(llm)
+        return outputs, spec_decode_stats(llm).minus(before), counted
     finally:
         shutdown(llm)
 
@@ -51,7 +56,7 @@ def reference(smollm2_dir: Path) -> dict[int, list]:
 
 
 @pytest.fixture(scope="module")
-def medusa_run(smollm2_dir: Path) -> tuple[dict[int, list], SpecDecodeStats]:
+def medusa_run(smollm2_dir: Path) -> tuple[dict[int, list], SpecDecodeStats, SpecDecodeStats]:
     return run_engine(smollm2_dir, default_heads_path())
 
 
@@ -64,19 +69,31 @@ def test_shipped_heads_are_in_fasterdecoding_format_and_reuse_the_lm_head():
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_greedy_output_identical_to_no_speculation(reference, medusa_run, batch):
-    outputs, _ = medusa_run
+    outputs, _, _ = medusa_run
     assert outputs[batch] == reference[batch]
 
 
 def test_shipped_heads_accepted_on_heldout_prompts(medusa_run):
-    _, stats = medusa_run
+    _, stats, _ = medusa_run
     assert stats.num_drafts > 0
-    # The shipped heads at their defaults (their calibration: a 2-node tree when a request
-    # runs alone, no drafts in larger batches) on prompts they never saw in training. A
-    # mis-loaded or mis-sized checkpoint gives ~1.0 and an untrained head ~0 accepted first
-    # drafts; the calibration expects 1.31, with a first-level node accepted 30 % of the time.
+    # The shipped heads at their defaults (their float32 calibration: a 6-node tree when a
+    # request runs alone, 1 node at batch 2-3, no drafts in larger batches, plus the copy
+    # branch) on prompts they never saw in training. A mis-loaded or mis-sized checkpoint gives
+    # ~1.0 and an untrained head ~0 accepted first drafts.
     assert stats.mean_acceptance_length >= 1.2, stats.as_dict()
     assert stats.accepted_per_position[0] >= 0.15 * stats.num_drafts, stats.as_dict()
+
+
+def test_engine_counts_its_own_speculation_as_vllm_reports_it(medusa_run):
+    """`count_spec_decoding` (what calibration reads, one engine among several in a process)
+    counts exactly what vLLM's metrics report for a process with one engine."""
+    _, stats, counted = medusa_run
+    assert counted.num_drafts == stats.num_drafts > 0
+    assert counted.num_draft_tokens == stats.num_draft_tokens
+    assert counted.num_accepted_tokens == stats.num_accepted_tokens > 0
+    width = len(counted.accepted_per_position)
+    assert counted.accepted_per_position == stats.accepted_per_position[:width]
+    assert not any(stats.accepted_per_position[width:])
 
 
 def test_recorded_hidden_states_are_what_the_lm_head_sees(smollm2_dir: Path):

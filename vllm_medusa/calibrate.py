@@ -411,13 +411,14 @@ def measure_steps(
     by round, so that a machine whose speed drifts over minutes moves every tree size alike.
     A request's decode steps are its decoded tokens less the drafts it accepted, which counts
     the steps where pruning left it nothing to draft as well."""
-    from vllm_medusa.metrics import spec_decode_stats
+    from vllm_medusa.metrics import count_spec_decoding
 
     results = {}
     sizes = list(engines)
+    counters = {n: count_spec_decoding(engines[n]) for n in sizes if n}
     for b in batch_sizes:
         decode = dict.fromkeys(sizes, 0.0)
-        before = {n: spec_decode_stats(engines[n]) for n in sizes if n}
+        before = {n: replace(counters[n]) for n in sizes if n}
         batches = max(1, rounds // b)
         for i in range(batches):
             batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
@@ -426,9 +427,7 @@ def measure_steps(
                 decode[n] += max(_chat(engines[n], batch, tokens) - prefill, 1e-6)
         decoded = batches * b * (tokens - 1)  # the first token of each request is prefill's
         for n in sizes:
-            accepted = (
-                spec_decode_stats(engines[n]).minus(before[n]).num_accepted_tokens if n else 0
-            )
+            accepted = counters[n].minus(before[n]).num_accepted_tokens if n else 0
             steps = (decoded - accepted) / b
             results[(b, n)] = {
                 "step_ms": 1000 * decode[n] / steps,

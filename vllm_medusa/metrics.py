@@ -59,3 +59,34 @@ def spec_decode_stats(llm) -> SpecDecodeStats:
         elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             stats.accepted_per_position = list(metric.values)
     return stats
+
+
+def count_spec_decoding(llm) -> SpecDecodeStats:
+    """Counters of this `LLM`'s engine alone, kept up to date as it steps.
+
+    vLLM's Prometheus metrics are process-wide: with several `LLM`s in one process,
+    `get_metrics()` reads whichever engine registered last. This taps the engine's own stat
+    recording (each step's scheduler statistics) instead, so each engine counts its own.
+    """
+    stats = SpecDecodeStats()
+    manager = llm.llm_engine.logger_manager
+    if manager is None:
+        raise ValueError("the engine records no statistics: create it with disable_log_stats=False")
+    record = manager.record
+
+    def record_and_count(*args, **kwargs):
+        scheduler_stats = kwargs.get("scheduler_stats", args[0] if args else None)
+        spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+        if spec is not None:
+            stats.num_drafts += spec.num_drafts
+            stats.num_draft_tokens += spec.num_draft_tokens
+            stats.num_accepted_tokens += spec.num_accepted_tokens
+            width = max(len(stats.accepted_per_position), len(spec.num_accepted_tokens_per_pos))
+            counts = stats.accepted_per_position + [0] * (width - len(stats.accepted_per_position))
+            for i, n in enumerate(spec.num_accepted_tokens_per_pos):
+                counts[i] += n
+            stats.accepted_per_position = counts
+        return record(*args, **kwargs)
+
+    manager.record = record_and_count
+    return stats
