@@ -209,12 +209,7 @@ def acceptance_from_records(
         paths = [tuple(d["path"]) for d in record["drafted"] if d["path"] is not None]
         tree = build_tree([list(p) for p in paths])
         # The accepted path's stretch of heads' nodes, as nodes of `tree`.
-        accepted = []
-        for node in record["accepted_nodes"]:
-            path = record["drafted"][node - 1]["path"]
-            if path is None:
-                break
-            accepted.append(tree.node(tuple(path)))
+        accepted = [tree.node(path) for path in _accepted_heads_stretch(record, 0.0)]
         table.add(tree, tree.num_nodes, accepted)
     return [[table.rate(d + 1, r) or 0.0 for r in range(ranks)] for d in range(depth)]
 
@@ -485,16 +480,15 @@ def calibrate(args: argparse.Namespace) -> Calibration:
         )
     progress.close()
 
-    expected = {}
-    for b, n in measured:
-        expected[(b, n)] = 1.0
-        if n:
-            prefix = best_tree(acceptance, n)
-            # Drafted as users' engines draft: pruned nodes add nothing, a copy branch adds
-            # what it is accepted beyond the tree.
-            expected[(b, n)] = expected_acceptance_length(acceptance, prefix, survival) + copy_gain(
-                records, list(prefix.paths), drafting.prune_below
-            )
+    # Per tree size, drafted as users' engines draft: pruned nodes add nothing, a copy branch
+    # adds what it is accepted beyond the tree.
+    by_size = {0: 1.0}
+    for n in sizes:
+        prefix = best_tree(acceptance, n)
+        by_size[n] = expected_acceptance_length(acceptance, prefix, survival) + copy_gain(
+            records, list(prefix.paths), drafting.prune_below
+        )
+    expected = {(b, n): by_size[n] for b, n in measured}
     scale = acceptance_scale(expected, measured)
     predicted = {}
     measurements = []

@@ -25,9 +25,7 @@ class SpecDecodeStats:
 
     def minus(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
         """The counts since `earlier`, so one engine can measure several runs apart."""
-        width = max(len(self.accepted_per_position), len(earlier.accepted_per_position))
-        now = self.accepted_per_position + [0] * (width - len(self.accepted_per_position))
-        before = earlier.accepted_per_position + [0] * (width - len(earlier.accepted_per_position))
+        now, before = _padded(self.accepted_per_position, earlier.accepted_per_position)
         return SpecDecodeStats(
             self.num_drafts - earlier.num_drafts,
             self.num_draft_tokens - earlier.num_draft_tokens,
@@ -44,6 +42,12 @@ class SpecDecodeStats:
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "acceptance_rate": round(self.acceptance_rate, 4),
         }
+
+
+def _padded(a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
+    """Per-position counts of two lengths, zero-padded to the longer."""
+    width = max(len(a), len(b))
+    return a + [0] * (width - len(a)), list(b) + [0] * (width - len(b))
 
 
 def spec_decode_stats(llm) -> SpecDecodeStats:
@@ -81,11 +85,8 @@ def count_spec_decoding(llm) -> SpecDecodeStats:
             stats.num_drafts += spec.num_drafts
             stats.num_draft_tokens += spec.num_draft_tokens
             stats.num_accepted_tokens += spec.num_accepted_tokens
-            width = max(len(stats.accepted_per_position), len(spec.num_accepted_tokens_per_pos))
-            counts = stats.accepted_per_position + [0] * (width - len(stats.accepted_per_position))
-            for i, n in enumerate(spec.num_accepted_tokens_per_pos):
-                counts[i] += n
-            stats.accepted_per_position = counts
+            counts, step = _padded(stats.accepted_per_position, spec.num_accepted_tokens_per_pos)
+            stats.accepted_per_position = [a + b for a, b in zip(counts, step, strict=True)]
         return record(*args, **kwargs)
 
     manager.record = record_and_count
