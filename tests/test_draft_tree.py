@@ -94,6 +94,8 @@ def test_drafting_settings_from_heads_config_and_environment():
         ({"copy_length": 0}, "", "copy_length=0"),
         ({"min_match": 4, "max_match": 2}, "", "min_match=4 > max_match=2"),
         ({"prune_below": 1.5}, "", "prune_below=1.5"),
+        ({"draft_vocab": -1}, "", "draft_vocab=-1"),
+        ({"draft_vocab": "8k"}, "", "draft_vocab='8k'"),
         ({"copy_len": 3}, "", "unknown setting(s) copy_len"),
         (None, "{copy: true}", "VLLM_MEDUSA_DRAFTING is not JSON"),
         (None, "[1]", "must be a JSON object"),

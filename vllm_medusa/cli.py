@@ -90,6 +90,12 @@ def _calibrate(argv: list[str]) -> int:
     return calibrate_main(argv)
 
 
+def _draft_vocab(argv: list[str]) -> int:
+    from vllm_medusa.draft_vocab import main as draft_vocab_main
+
+    return draft_vocab_main(argv)
+
+
 def _load(argv: list[str]) -> int:
     from vllm_medusa.loadtest import main as load_main
 
@@ -133,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("load", help="concurrent server load, Medusa vs none (see load --help)")
     sub.add_parser(
         "calibrate", help="measure heads and machine, choose trees per batch size (see --help)"
+    )
+    sub.add_parser(
+        "draft-vocab", help="rank the tokens the heads draft from (see draft-vocab --help)"
     )
     sub.add_parser("serve", help="vLLM's `vllm serve`, on either vLLM build (see serve --help)")
 
@@ -192,13 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # convert, bench, calibrate, load and serve own their argument parsing.
+    # convert, bench, calibrate, draft-vocab, load and serve own their argument parsing.
     if argv and argv[0] == "convert":
         return _convert(argv[1:])
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     if argv and argv[0] == "calibrate":
         return _calibrate(argv[1:])
+    if argv and argv[0] == "draft-vocab":
+        return _draft_vocab(argv[1:])
     if argv and argv[0] == "load":
         return _load(argv[1:])
     if argv and argv[0] == "serve":

@@ -1,4 +1,4 @@
-"""Per-request drafting settings: copy branches and confidence pruning.
+"""Drafting settings: copy branches, the draft vocabulary and confidence pruning.
 
 - Copy branch: the longest suffix of the request's tokens (prompt and output so far), between
   `min_match` and `max_match` tokens long, is looked up at earlier positions; the
@@ -6,6 +6,8 @@
   Medusa heads read one hidden state and cannot see that the text is repeating; the branch
   can. The matcher is vLLM's own prompt-lookup kernel (numba, one pass over the request's
   tokens); where the longest suffix occurs more than once it takes the earliest occurrence.
+- Draft vocabulary: the heads propose only the `draft_vocab` tokens the target says most often
+  (`vllm_medusa.draft_vocab`), so their projection reads that many rows, not the vocabulary.
 - Pruning: a Medusa node whose path probability under the heads (the product of the heads'
   softmax probabilities along its path) is below `prune_below` is not drafted for that
   request and step, so unsure steps verify fewer nodes.
@@ -43,6 +45,7 @@ class Drafting:
     max_match: int = 8  # longest suffix looked up
     copy_length: int = 6  # tokens the branch proposes
     prune_below: float = 0.0  # Medusa nodes below this path probability are not drafted
+    draft_vocab: int = 0  # heads draft from this many most frequent tokens (0: all)
 
     def __post_init__(self) -> None:
         if not isinstance(self.copy, bool):
@@ -53,6 +56,15 @@ class Drafting:
                 raise DraftingError(
                     f"medusa_drafting {name}={value!r}: must be a whole number >= 1"
                 )
+        if (
+            not isinstance(self.draft_vocab, int)
+            or isinstance(self.draft_vocab, bool)
+            or self.draft_vocab < 0
+        ):
+            raise DraftingError(
+                f"medusa_drafting draft_vocab={self.draft_vocab!r}: must be a whole number "
+                ">= 0 (0: the whole vocabulary)"
+            )
         if self.min_match > self.max_match:
             raise DraftingError(
                 f"medusa_drafting min_match={self.min_match} > max_match={self.max_match}: "
@@ -105,8 +117,8 @@ def configured_drafting(config_value: Any, environ: Mapping[str, str] = os.envir
         raise DraftingError(f"{CONFIG_KEY}: {e}") from None
 
 
-def resolved_form(drafting: Drafting) -> dict[str, Any] | None:
-    return asdict(drafting) if drafting.per_request else None
+def resolved_form(drafting: Drafting) -> dict[str, Any]:
+    return asdict(drafting)
 
 
 def drafting_of_heads(heads_config: Any) -> Drafting:

@@ -21,6 +21,7 @@ from vllm.v1.spec_decode.medusa import MedusaProposer as VllmMedusaProposer
 
 from vllm_medusa.debug import debug_enabled
 from vllm_medusa.draft_tree import DraftTree, request_tree
+from vllm_medusa.draft_vocab import load_draft_vocab
 from vllm_medusa.drafting import drafting_of_heads
 from vllm_medusa.model import MedusaHeads
 from vllm_medusa.tree import (
@@ -64,6 +65,12 @@ class MedusaProposer(VllmMedusaProposer):
             )
         if self.model.original_lm_head:
             self.model.bind_target_lm_head(_target_lm_head(target_model))
+        if self.drafting.draft_vocab:
+            self.model.restrict_vocab(
+                load_draft_vocab(
+                    self.model.checkpoint_dir, self.drafting.draft_vocab, self.model.vocab_size
+                )
+            )
         if self.tree is not None:
             logger.info(
                 "vllm-medusa: trees are verified by the %s attention backend",
@@ -101,20 +108,21 @@ class MedusaProposer(VllmMedusaProposer):
         # The model holds exactly the heads in use (chain length or tree depth).
         head_states = torch.stack(self.model(target_hidden_states))  # [heads, num_reqs, hidden]
         logits = self.model.stacked_logits(head_states)  # [heads, num_reqs, vocab]
+        # Indices into the logits' last dimension (the draft vocabulary's, if any).
         if self.tree is None:
             heads = torch.arange(num_speculative_tokens, device=logits.device)
-            drafts = logits[:num_speculative_tokens].argmax(dim=-1).transpose(0, 1)
+            picks = logits[:num_speculative_tokens].argmax(dim=-1).transpose(0, 1)
         else:
             candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
             heads = self.tree.heads[:num_speculative_tokens]
             ranks = self.tree.ranks[:num_speculative_tokens]
             # [drafts, num_reqs] -> [num_reqs, drafts]
-            drafts = candidates[heads, :, ranks].transpose(0, 1)
+            picks = candidates[heads, :, ranks].transpose(0, 1)
         if self.debug:
             logprobs = logits[heads].float().log_softmax(dim=-1)  # [drafts, num_reqs, vocab]
-            drafted = logprobs.gather(-1, drafts.transpose(0, 1).unsqueeze(-1)).squeeze(-1)
+            drafted = logprobs.gather(-1, picks.transpose(0, 1).unsqueeze(-1)).squeeze(-1)
             self.last_draft_probs = drafted.exp().transpose(0, 1)  # [num_reqs, drafts]
-        return drafts
+        return self.model.token_ids(picks)
 
     @torch.inference_mode()
     def propose_trees(
@@ -137,7 +145,8 @@ class MedusaProposer(VllmMedusaProposer):
         logits = self.model.stacked_logits(head_states)  # [heads, num_reqs, vocab]
         top = logits.topk(self.tree.top_k, dim=-1)  # [heads, num_reqs, top_k]
         heads, ranks = self.tree.heads[:n], self.tree.ranks[:n]
-        tokens_per_request = top.indices[heads, :, ranks].T.tolist()  # [num_reqs][n]
+        tokens = self.model.token_ids(top.indices[heads, :, ranks])  # [n, num_reqs]
+        tokens_per_request = tokens.T.tolist()  # [num_reqs][n]
         keep_per_request = [[True] * n] * num_reqs
         probs_per_request = None
         threshold = self.drafting.prune_below

@@ -454,8 +454,43 @@ def train_from_prompts(
     report["train_sample"] = topk_accuracy(model, sample, ks=(1, 5))
     report["seconds"]["total"] = _elapsed(start_all)
     write_fasterdecoding(model, Path(out_dir), base_model, base.hidden_size, base.vocab_size)
+    _write_draft_vocab(Path(out_dir), base_model, prompts_path, train, held)
     (Path(out_dir) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _write_draft_vocab(
+    out_dir: Path,
+    base_model: str,
+    prompts_path: str | None,
+    train: HeadData,
+    held: HeadData | None,
+) -> None:
+    """The tokens of the training answers, most frequent first, beside the heads
+    (`vllm_medusa.draft_vocab`), with how much of the held-out answers they cover."""
+    from vllm_medusa.draft_vocab import (
+        COVERAGE_SIZES,
+        answer_tokens,
+        coverage,
+        rank_tokens,
+        write_draft_vocab,
+    )
+
+    ranked, counts = rank_tokens(answer_tokens(train.targets))
+    held_coverage = {} if held is None else coverage(
+        ranked, answer_tokens(held.targets), COVERAGE_SIZES
+    )
+    write_draft_vocab(
+        out_dir,
+        ranked,
+        counts,
+        {
+            "model": Path(base_model).name,
+            "prompts": prompts_path or "builtin",
+            "tokens": sum(counts),
+            "heldout_coverage": held_coverage,
+        },
+    )
 
 
 def _elapsed(start: float) -> float:

@@ -34,6 +34,7 @@ from vllm_medusa.calibrate import (
     mismatch,
     model_identity,
 )
+from vllm_medusa.draft_vocab import load_draft_vocab
 from vllm_medusa.drafting import CONFIG_KEY as DRAFTING_KEY
 from vllm_medusa.drafting import RESOLVED_ATTR as DRAFTING_ATTR
 from vllm_medusa.drafting import Drafting, configured_drafting
@@ -201,6 +202,11 @@ def apply() -> None:
             target_hidden=target.get_hidden_size(),
             target_vocab=target.get_vocab_size(),
         )
+        if drafting.draft_vocab:
+            # A missing or foreign ranking stops the engine here, not in its worker.
+            load_draft_vocab(
+                self.draft_model_config.model, drafting.draft_vocab, target.get_vocab_size()
+            )
         use_tree(self, heads, tree, num_heads, drafting)
         if schedule is not None:
             self.num_speculative_tokens_per_batch_size = schedule
