@@ -25,6 +25,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import StructuredOutputsParams
 
 from vllm_medusa.distill import load_prompts
+from vllm_medusa.draft_vocab import load_draft_vocab
 from vllm_medusa.engine import engine_kwargs, medusa_config, shutdown
 from vllm_medusa.heads import default_heads_path
 from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
@@ -136,6 +137,7 @@ SEEDED = SamplingParams(temperature=1.0, max_tokens=32, seed=1234)
 SAMPLED_ONLY = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=32)
 # Per-request trees: the static tree's confident nodes and a copy branch.
 PRUNE_BELOW = 0.05
+VOCAB_SIZE = 49152  # SmolLM2's
 PER_REQUEST = json.dumps({"copy": True, "min_match": 1, "prune_below": PRUNE_BELOW})
 # The heads alone, whatever their config turns on.
 HEADS_ALONE = {"VLLM_MEDUSA_DRAFTING": json.dumps({"copy": False, "prune_below": 0})}
@@ -542,6 +544,17 @@ def test_requests_verify_trees_of_their_own_in_one_step(per_request_run, per_req
         assert len(tokens) == len(drafted)  # siblings are distinct tokens
         accepted_copies += any(drafted[n - 1]["copy"] for n in r["accepted_nodes"])
     assert accepted_copies > 0.05 * len(records)
+
+
+def test_heads_draft_only_from_their_draft_vocabulary(per_request_run, per_request_debug_file):
+    """The shipped heads' config sets a draft vocabulary: every token a head proposed is
+    among its most frequent tokens (the copy branch's own nodes may hold any token)."""
+    heads = default_heads_path()
+    size = json.loads((heads / "config.json").read_text())["medusa_drafting"]["draft_vocab"]
+    vocab = set(load_draft_vocab(heads, size, VOCAB_SIZE).tolist())
+    records = per_request_records(per_request_debug_file)
+    proposed = [d["token"] for r in records for d in r["drafted"] if d["path"] is not None]
+    assert proposed and set(proposed) <= vocab
 
 
 def test_pruning_drops_the_nodes_below_the_threshold(per_request_run, per_request_debug_file):

@@ -477,8 +477,8 @@ def _write_draft_vocab(
     )
 
     ranked, counts = rank_tokens(answer_tokens(train.targets))
-    held_coverage = {} if held is None else coverage(
-        ranked, answer_tokens(held.targets), COVERAGE_SIZES
+    held_coverage = (
+        {} if held is None else coverage(ranked, answer_tokens(held.targets), COVERAGE_SIZES)
     )
     write_draft_vocab(
         out_dir,
