@@ -234,6 +234,40 @@ def test_plugin_uses_a_fitting_calibration_and_sets_others_aside(heads_copy, smo
     assert calibrated_settings(_spec_config(heads_copy, smollm2_dir)) is None
 
 
+def test_a_calibration_from_another_kind_of_cpu_is_used_with_a_warning(
+    heads_copy, smollm2_dir, caplog
+):
+    """Same-named CPUs differ in instruction sets, and with them in what a step costs: the
+    engine says so and still uses the calibration (better than drafting at every batch size)."""
+    from vllm_medusa.calibrate import CPU_FEATURES, cpu_features, other_cpu
+    from vllm_medusa.patches.speculative_config import calibrated_settings
+
+    here = cpu_features()
+    assert here is not None and set(here) <= set(CPU_FEATURES)
+    other = [f for f in CPU_FEATURES if f not in here][:1]
+    schedule = [[1, 1, 3], [2, 1024, 0]]
+    model = smollm2_identity(smollm2_dir)
+    foreign = calibration_for(heads_copy, model, schedule, machine={"cpu_features": other})
+    reason = other_cpu(foreign)
+    assert reason == (
+        f"it was measured on a CPU with {' '.join(other) or 'none of ' + ' '.join(CPU_FEATURES)}"
+        f", this one has {' '.join(here)}"
+    )
+    write(foreign, heads_copy)
+    with caplog.at_level("WARNING", logger="vllm"):
+        assert calibrated_settings(_spec_config(heads_copy, smollm2_dir))[1] == schedule
+    assert reason in caplog.text and "vllm-medusa calibrate --heads" in caplog.text
+    # The same kind of CPU, or a calibration that does not say (older files): no warning.
+    caplog.clear()
+    for machine in ({"cpu_features": here}, {"measured": "2026-12-02"}):
+        calibration = calibration_for(heads_copy, model, schedule, machine=machine)
+        assert other_cpu(calibration) is None
+        write(calibration, heads_copy)
+        with caplog.at_level("WARNING", logger="vllm"):
+            assert calibrated_settings(_spec_config(heads_copy, smollm2_dir))[1] == schedule
+    assert "measured on a CPU" not in caplog.text
+
+
 def test_calibrate_command_writes_a_calibration_the_plugin_accepts(
     heads_copy, smollm2_dir, tmp_path
 ):
@@ -283,3 +317,4 @@ def test_shipped_calibration_fits_the_shipped_heads(smollm2_dir):
     for dtype in ("float32", "bfloat16"):
         calibration = load_calibration(default_heads_path() / calibration_file(dtype))
         assert mismatch(calibration, default_heads_path(), identity, dtype, "cpu") is None
+        assert calibration.machine["cpu_features"]  # for the warning on another kind of CPU

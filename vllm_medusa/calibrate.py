@@ -65,6 +65,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
 ENGINE_KV_CACHE_BYTES = 1 << 30
 # vLLM caps a schedule's last range at the engine's max_num_seqs.
 LAST_BATCH_SIZE = 1024
+# CPU instruction sets that change what a step costs (vLLM's CPU kernels and oneDNN pick
+# their code by them); the calibration records which of them its CPU had.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 
 
 class CalibrationError(ValueError):
@@ -171,19 +174,48 @@ def mismatch(
     return None
 
 
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def cpu_features() -> list[str] | None:
+    """Which of `CPU_FEATURES` this CPU has (None where /proc/cpuinfo does not say)."""
+    for line in _cpuinfo():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in CPU_FEATURES if f in flags]
+    return None
+
+
+def other_cpu(calibration: Calibration) -> str | None:
+    """Why this CPU is not of the kind the calibration was measured on (None: it is, or the
+    calibration does not say). Same-named CPUs differ: one "AMD EPYC" has AVX-512 with
+    bfloat16, another AVX2 only, and a step's cost with N more tokens differs with them."""
+    measured = calibration.machine.get("cpu_features")
+    here = cpu_features()
+    if calibration.device != "cpu" or measured is None or here is None or measured == here:
+        return None
+    return f"it was measured on a CPU with {_features(measured)}, this one has {_features(here)}"
+
+
+def _features(features: list[str]) -> str:
+    return " ".join(features) if features else f"none of {' '.join(CPU_FEATURES)}"
+
+
 def machine_description() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
     return {
         "cpu": cpu,
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "torch": torch.__version__,

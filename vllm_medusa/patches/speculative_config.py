@@ -33,6 +33,7 @@ from vllm_medusa.calibrate import (
     load_calibration,
     mismatch,
     model_identity,
+    other_cpu,
 )
 from vllm_medusa.draft_vocab import load_draft_vocab
 from vllm_medusa.drafting import CONFIG_KEY as DRAFTING_KEY
@@ -154,6 +155,18 @@ def calibrated_settings(
     tree = build_tree(calibration.tree, name="calibrated", ordered=True)
     if not log:
         return tree, calibration.schedule
+    other = other_cpu(calibration)
+    if other is not None:
+        # Used all the same: without it the engine drafts a chain of num_speculative_tokens
+        # at every batch size, which on any CPU costs more at large batches than its schedule.
+        logger.warning(
+            "vllm-medusa: using the calibration %s, but %s: its tree and drafts per batch "
+            "size may not be the fastest here (run vllm-medusa calibrate --heads %s to "
+            "measure this machine)",
+            path,
+            other,
+            heads_dir,
+        )
     logger.info(
         "vllm-medusa: calibration %s (measured %s): drafts per batch size %s",
         path,
