@@ -17,6 +17,7 @@ from vllm_medusa.calibrate import (
     CalibrationError,
     acceptance_from_records,
     acceptance_scale,
+    calibration_file,
     choose_schedule,
     copy_gain,
     heads_fingerprint,
@@ -238,8 +239,9 @@ def test_a_calibration_from_another_kind_of_cpu_is_used_with_a_warning(
     heads_copy, smollm2_dir, caplog
 ):
     """Same-named CPUs differ in instruction sets, and with them in what a step costs: the
-    engine says so and still uses the calibration (better than drafting at every batch size)."""
-    from vllm_medusa.calibrate import CPU_FEATURES, cpu_features, other_cpu
+    engine says so and still uses the calibration (better than drafting at every batch size),
+    unless the heads carry one measured on this kind of CPU."""
+    from vllm_medusa.calibrate import CPU_FEATURES, cpu_features, cpu_kind, other_cpu
     from vllm_medusa.patches.speculative_config import calibrated_settings
 
     here = cpu_features()
@@ -257,6 +259,19 @@ def test_a_calibration_from_another_kind_of_cpu_is_used_with_a_warning(
     with caplog.at_level("WARNING", logger="vllm"):
         assert calibrated_settings(_spec_config(heads_copy, smollm2_dir))[1] == schedule
     assert reason in caplog.text and "vllm-medusa calibrate --heads" in caplog.text
+    # Heads can carry one measured on this kind of CPU: it takes the foreign one's place...
+    kind_schedule = [[1, 2, 2], [3, 1024, 0]]
+    kind = calibration_for(heads_copy, model, kind_schedule, machine={"cpu_features": here})
+    kind_file = heads_copy / calibration_file("float32", cpu_kind(here))
+    kind_file.write_text(json.dumps(asdict(kind)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm"):
+        assert calibrated_settings(_spec_config(heads_copy, smollm2_dir))[1] == kind_schedule
+    assert "measured on a CPU" not in caplog.text
+    # ...but not the main file's place once that one is measured here (a user's own run).
+    write(calibration_for(heads_copy, model, schedule, machine={"cpu_features": here}), heads_copy)
+    assert calibrated_settings(_spec_config(heads_copy, smollm2_dir))[1] == schedule
+    kind_file.unlink()
     # The same kind of CPU, or a calibration that does not say (older files): no warning.
     caplog.clear()
     for machine in ({"cpu_features": here}, {"measured": "2026-12-02"}):
@@ -311,10 +326,14 @@ def test_shipped_calibration_fits_the_shipped_heads(smollm2_dir):
     changed heads config would set it aside with a warning)."""
     from transformers import AutoConfig
 
-    from vllm_medusa.calibrate import calibration_file, load_calibration, mismatch
+    from vllm_medusa.calibrate import calibration_file, cpu_kind, load_calibration, mismatch
 
     identity = model_identity(AutoConfig.from_pretrained(smollm2_dir))
     for dtype in ("float32", "bfloat16"):
         calibration = load_calibration(default_heads_path() / calibration_file(dtype))
         assert mismatch(calibration, default_heads_path(), identity, dtype, "cpu") is None
         assert calibration.machine["cpu_features"]  # for the warning on another kind of CPU
+    # And one for CPUs with AVX2 only, where extra tokens in a step cost more.
+    avx2 = load_calibration(default_heads_path() / calibration_file("float32", "avx2"))
+    assert mismatch(avx2, default_heads_path(), identity, "float32", "cpu") is None
+    assert avx2.machine["cpu_features"] == ["avx2"] and cpu_kind(["avx2"]) == "avx2"

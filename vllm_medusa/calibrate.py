@@ -51,10 +51,13 @@ from vllm_medusa.drafting import (
 CALIBRATION_FILE = "medusa_calibration.json"
 
 
-def calibration_file(dtype: str) -> str:
+def calibration_file(dtype: str, cpu_kind: str | None = None) -> str:
     """Where a calibration for `dtype` sits beside the heads: float32's in
     `medusa_calibration.json`, another dtype's in `medusa_calibration.DTYPE.json`, so that one
-    heads folder serves engines of either dtype."""
+    heads folder serves engines of either dtype. With `cpu_kind` (see `cpu_kind`), one for that
+    kind of CPU, kept beside the main one: `medusa_calibration.float32.avx2.json`."""
+    if cpu_kind is not None:
+        return f"medusa_calibration.{dtype}.{cpu_kind}.json"
     return CALIBRATION_FILE if dtype == "float32" else f"medusa_calibration.{dtype}.json"
 
 
@@ -188,6 +191,11 @@ def cpu_features() -> list[str] | None:
             flags = set(line.split(":", 1)[1].split())
             return [f for f in CPU_FEATURES if f in flags]
     return None
+
+
+def cpu_kind(features: list[str]) -> str:
+    """What names calibrations for a CPU with these `CPU_FEATURES`: the most capable of them."""
+    return features[-1] if features else "generic"
 
 
 def other_cpu(calibration: Calibration) -> str | None:

@@ -30,6 +30,8 @@ from typing import Any
 from vllm_medusa.calibrate import (
     CALIBRATION_FILE,
     calibration_file,
+    cpu_features,
+    cpu_kind,
     load_calibration,
     mismatch,
     model_identity,
@@ -134,6 +136,13 @@ def calibrated_settings(
     if not path.is_file():
         return None
     calibration = load_calibration(path)
+    here = cpu_features()
+    if other_cpu(calibration) is not None and here is not None:
+        # Measured on another kind of CPU: one measured on this kind, if the heads carry it.
+        # Only then, so that a user's own calibration in the main file wins once run here.
+        kind_path = Path(heads_dir) / calibration_file(dtype, cpu_kind(here))
+        if kind_path.is_file():
+            path, calibration = kind_path, load_calibration(kind_path)
     reason = mismatch(
         calibration,
         heads_dir,
