@@ -78,9 +78,8 @@ def test_shipped_heads_accepted_on_heldout_prompts(medusa_run):
     assert stats.num_drafts > 0
     # The shipped heads at their defaults (their float32 calibration: 1 node when 1-3
     # requests run, or alone on a CPU with AVX2 only, no drafts in larger batches, plus the
-    # copy branch) on prompts they never
-    # saw in training. A mis-loaded or mis-sized checkpoint gives
-    # ~1.0 and an untrained head ~0 accepted first drafts.
+    # copy branch) on prompts they never saw in training. A mis-loaded or mis-sized
+    # checkpoint gives ~1.0 and an untrained head ~0 accepted first drafts.
     assert stats.mean_acceptance_length >= 1.2, stats.as_dict()
     assert stats.accepted_per_position[0] >= 0.15 * stats.num_drafts, stats.as_dict()
 

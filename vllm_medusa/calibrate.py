@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -184,13 +185,20 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def cpu_features() -> list[str] | None:
-    """Which of `CPU_FEATURES` this CPU has (None where /proc/cpuinfo does not say)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    # Read once per process: engines check their calibration at every validation of their
+    # speculative config.
     for line in _cpuinfo():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in CPU_FEATURES if f in flags]
+            return frozenset(line.split(":", 1)[1].split())
     return None
+
+
+def cpu_features() -> list[str] | None:
+    """Which of `CPU_FEATURES` this CPU has (None where /proc/cpuinfo does not say)."""
+    flags = _cpu_flags()
+    return None if flags is None else [f for f in CPU_FEATURES if f in flags]
 
 
 def cpu_kind(features: list[str]) -> str:

@@ -136,13 +136,14 @@ def calibrated_settings(
     if not path.is_file():
         return None
     calibration = load_calibration(path)
-    here = cpu_features()
-    if other_cpu(calibration) is not None and here is not None:
+    other = other_cpu(calibration)
+    if other is not None:
         # Measured on another kind of CPU: one measured on this kind, if the heads carry it.
         # Only then, so that a user's own calibration in the main file wins once run here.
-        kind_path = Path(heads_dir) / calibration_file(dtype, cpu_kind(here))
+        kind_path = Path(heads_dir) / calibration_file(dtype, cpu_kind(cpu_features()))
         if kind_path.is_file():
             path, calibration = kind_path, load_calibration(kind_path)
+            other = other_cpu(calibration)
     reason = mismatch(
         calibration,
         heads_dir,
@@ -164,7 +165,6 @@ def calibrated_settings(
     tree = build_tree(calibration.tree, name="calibrated", ordered=True)
     if not log:
         return tree, calibration.schedule
-    other = other_cpu(calibration)
     if other is not None:
         # Used all the same: without it the engine drafts a chain of num_speculative_tokens
         # at every batch size, which on any CPU costs more at large batches than its schedule.
