@@ -26,7 +26,7 @@ from fasterdecoding_fixtures import heads_config, make_heads, save_heads_folder
 
 from vllm_medusa.distill import load_prompts
 from vllm_medusa.heads import default_heads_path
-from vllm_medusa.loadtest import build_requests, choice_token_ids, greedy_kwargs
+from vllm_medusa.loadtest import build_requests, choice_token_ids, greedy_kwargs, turn_order
 from vllm_medusa.loadtest import main as load_main
 from vllm_medusa.server import OFFLINE_ENV, Server, launch, spec_decode_metrics, wait_ready
 from vllm_medusa.tree import TREE_ENV
@@ -271,7 +271,8 @@ def test_seeded_requests_under_load_keep_the_server_up(
 def test_load_command_matches_reference_under_concurrency(
     reference_server: Server, medusa_server: Server, tmp_path: Path, capsys
 ):
-    """A reduced `vllm-medusa load`: 40 mixed requests, 16 at a time, both servers in turn."""
+    """A reduced `vllm-medusa load`: 40 mixed requests, 16 at a time, the servers taking
+    turns for two rounds."""
     texts = [p.turns[0] for p in load_prompts(split="heldout")]
     requests = build_requests(texts, num_requests=40, max_tokens=32, seed=1)
     assert {r.api for r in requests} == {"completion", "chat"}
@@ -281,16 +282,34 @@ def test_load_command_matches_reference_under_concurrency(
     report = tmp_path / "load.json"
     argv = ["--medusa-url", medusa_server.base_url, "--reference-url", reference_server.base_url]
     argv += ["--num-requests", "40", "--concurrency", "16", "--max-tokens", "32", "--seed", "1"]
-    code = load_main([*argv, "--json", str(report)])
-    print(capsys.readouterr().out)
+    code = load_main([*argv, "--rounds", "2", "--json", str(report)])
+    out = capsys.readouterr().out
+    print(out)
     result = json.loads(report.read_text())
     assert result["mismatches"] == []
     for name in ("reference", "medusa"):
-        assert (result[name]["completed"], result[name]["errors"]) == (40, 0)
-        assert result[name]["output_tokens"] > 40
-    assert result["medusa"]["spec_decode"]["num_drafts"] > 0
-    assert result["reference"]["spec_decode"] is None
+        assert [run["name"] for run in result[name]] == [f"{name} (round {i})" for i in (1, 2)]
+        for run in result[name]:
+            assert (run["completed"], run["errors"]) == (40, 0)
+            assert run["output_tokens"] > 40
+        assert len(result["results"][name]) == 40
+    assert all(run["spec_decode"]["num_drafts"] > 0 for run in result["medusa"])
+    assert all(run["spec_decode"] is None for run in result["reference"])
+    assert len(result["round_speedups"]) == 2
+    assert min(result["round_speedups"]) <= result["speedup"] <= max(result["round_speedups"])
+    assert "medusa / reference output tok/s" in out
     assert code == 0
+
+
+def test_load_command_refuses_zero_rounds(capsys):
+    assert load_main(["--rounds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rounds must be at least 1" in err[0]
+
+
+def test_load_rounds_alternate_which_server_goes_first():
+    assert turn_order(1) == ["reference", "medusa"]
+    assert turn_order(3) == ["reference", "medusa", "medusa", "reference", "reference", "medusa"]
 
 
 def test_load_command_refuses_other_hosts(capsys):

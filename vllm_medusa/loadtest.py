@@ -6,14 +6,21 @@ several joined), max_tokens from 1 to a few hundred and stop strings. They are d
 seed, so both servers get exactly the same ones. Greedy decoding must give the same text and
 token ids with and without Medusa; any difference, error or request left unsent makes the
 command exit 1. Only loopback servers are accepted.
+
+The servers take turns: the whole load goes to one, then the other, round after round in an
+order that alternates (reference, Medusa, Medusa, reference, ...), and the speed ratio is the
+median of the rounds'. Shared machines drift by a quarter over minutes; one server measured
+minutes after the other would differ by the drift.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -330,27 +337,58 @@ def _speculative_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run_both(args: argparse.Namespace, requests: list[LoadRequest]) -> dict[str, Any]:
-    """Reference first, then Medusa: one server at a time, so neither competes for cores."""
-    from vllm_medusa.server import check_loopback, running_server
+def turn_order(rounds: int) -> list[str]:
+    """Which server takes each turn: reference first, then each round starts with the server
+    that ended the one before (reference, medusa, medusa, reference, ...)."""
+    order = []
+    for i in range(rounds):
+        pair = ["reference", "medusa"]
+        order += pair if i % 2 == 0 else pair[::-1]
+    return order
 
-    runs: dict[str, tuple[list[LoadResult], RunSummary]] = {}
-    targets = [("reference", None, args.reference_url), ("medusa", "spec", args.medusa_url)]
-    for name, spec, url in targets:
-        if url is not None:
-            runs[name] = asyncio.run(_measured_run(name, check_loopback(url), requests, args))
-            continue
-        config = _speculative_config(args) if spec else None
-        log = Path(args.log_dir) / f"{name}-server.log"
-        print(f"starting the {name} server (log: {log})", file=sys.stderr)
-        with running_server(args.model, log, config) as server:
-            runs[name] = asyncio.run(_measured_run(name, server.base_url, requests, args))
-    diffs = mismatches(runs["reference"][0], runs["medusa"][0])
+
+def _run_both(args: argparse.Namespace, requests: list[LoadRequest]) -> dict[str, Any]:
+    """Every round sends the whole load to each server in turn, one server at a time so that
+    neither competes for cores; both are up throughout (the idle one waits on its socket)."""
+    from vllm_medusa.server import check_loopback, launch, wait_ready
+
+    urls = {"reference": args.reference_url, "medusa": args.medusa_url}
+    runs: dict[str, list[tuple[list[LoadResult], RunSummary]]] = {n: [] for n in urls}
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for name, url in urls.items():
+            if url is not None:
+                urls[name] = check_loopback(url)
+                continue
+            config = _speculative_config(args) if name == "medusa" else None
+            log = Path(args.log_dir) / f"{name}-server.log"
+            print(f"starting the {name} server (log: {log})", file=sys.stderr)
+            started[name] = launch(args.model, log, config)
+            stack.callback(started[name].stop)
+        for name, server in started.items():
+            wait_ready(server)
+            urls[name] = server.base_url
+        for turn, name in enumerate(turn_order(args.rounds)):
+            label = f"{name} (round {turn // 2 + 1})" if args.rounds > 1 else name
+            runs[name].append(asyncio.run(_measured_run(label, urls[name], requests, args)))
+    reference = runs["reference"][0][0]
+    diffs = [
+        f"{summary.name}: {diff}"
+        for results, summary in runs["reference"][1:] + runs["medusa"]
+        for diff in mismatches(reference, results)
+    ]
+    ratios = [
+        med.output_tok_s / ref.output_tok_s
+        for (_, ref), (_, med) in zip(runs["reference"], runs["medusa"], strict=True)
+        if ref.output_tok_s > 0
+    ]
     return {
-        "reference": runs["reference"][1],
-        "medusa": runs["medusa"][1],
+        "reference": [summary for _, summary in runs["reference"]],
+        "medusa": [summary for _, summary in runs["medusa"]],
+        "speedup": statistics.median(ratios) if ratios else None,
+        "round_speedups": ratios,
         "mismatches": diffs,
-        "results": {name: [asdict(r) for r in res] for name, (res, _) in runs.items()},
+        "results": {name: [asdict(r) for r in res[0][0]] for name, res in runs.items()},
     }
 
 
@@ -360,7 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=300, help="largest max_tokens drawn")
-    p.add_argument("--time-limit", type=float, default=1800.0, help="seconds per server")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="whole loads per server, the servers taking turns; the speed ratio is the "
+        "median of the rounds'",
+    )
+    p.add_argument("--time-limit", type=float, default=1800.0, help="seconds per server run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--medusa-url", default=None, help="running Medusa server, .../v1")
     p.add_argument("--reference-url", default=None, help="running server without speculation")
@@ -374,8 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.num_requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
-        raise ValueError("--num-requests, --concurrency and --max-tokens must be at least 1")
+    if min(args.num_requests, args.concurrency, args.max_tokens, args.rounds) < 1:
+        raise ValueError(
+            "--num-requests, --concurrency, --max-tokens and --rounds must be at least 1"
+        )
     if args.time_limit <= 0:
         raise ValueError("--time-limit must be positive")
     for url in (args.medusa_url, args.reference_url):
@@ -403,20 +450,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"vllm-medusa load: error: {e}", file=sys.stderr)
         return 2
-    for name in ("reference", "medusa"):
-        print(report[name].line())
-        for err in report[name].first_errors:
+    summaries = report["reference"] + report["medusa"]
+    for summary in summaries:
+        print(summary.line())
+        for err in summary.first_errors:
             print(f"  {err}")
+    if report["speedup"] is not None:
+        rounds = ", ".join(f"{r:.2f}x" for r in report["round_speedups"])
+        print(
+            f"medusa / reference output tok/s: {report['speedup']:.2f}x "
+            f"(median of {len(report['round_speedups'])} rounds: {rounds})"
+        )
     diffs = report["mismatches"]
     print(f"greedy outputs compared: {len(diffs)} mismatches")
     for diff in diffs[:10]:
         print(f"  {diff}")
     if args.json is not None:
-        summaries = {k: asdict(report[k]) for k in ("reference", "medusa")}
-        out = {**summaries, "mismatches": diffs, "results": report["results"]}
+        out = {
+            **{k: [asdict(s) for s in report[k]] for k in ("reference", "medusa")},
+            **{k: report[k] for k in ("speedup", "round_speedups", "mismatches", "results")},
+        }
         args.json.write_text(json.dumps(out, indent=1))
-    ref, med = report["reference"], report["medusa"]
-    failed = ref.errors + ref.not_sent + med.errors + med.not_sent + len(diffs)
+    failed = len(diffs) + sum(s.errors + s.not_sent for s in summaries)
     return 1 if failed else 0
 
 
