@@ -82,6 +82,7 @@ def _worker(args: argparse.Namespace) -> int:
             max_num_seqs=max(args.batch_sizes),
             dtype=args.dtype,
             kv_cache_memory_bytes=BENCH_KV_CACHE_BYTES,
+            enforce_eager=not args.compiled,
         ),
     )
     llm.chat(conversations[:1], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
@@ -340,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engines' dtype (default: bfloat16 where the CPU has AVX512-BF16 or AMX, "
         "else float32; here %(default)s)",
     )
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="compile the engines as vLLM does by default (`vllm serve` without "
+        "--enforce-eager): a minute or two per engine start here; default: eager, as the "
+        "project's commands run",
+    )
     p.add_argument("-k", type=int, default=4, help="chain length (heads used by the chains)")
     p.add_argument(
         "--tree",
@@ -378,6 +386,8 @@ def _worker_command(args: argparse.Namespace, config: str, heads: str, out: Path
     ]  # fmt: skip
     if args.spec_schedule:
         cmd += ["--spec-schedule", args.spec_schedule]
+    if args.compiled:
+        cmd.append("--compiled")
     if args.prompts:
         cmd += ["--prompts", args.prompts]
     if args.split:
