@@ -158,7 +158,8 @@ class MedusaTree:
 
     def describe(self) -> str:
         kind = "chain" if self.is_chain else "tree"
-        return f"{kind} {self.name!r}: {self.num_nodes} nodes, depth {self.depth}, top-{self.top_k}"
+        nodes = f"{self.num_nodes} node{'s' if self.num_nodes != 1 else ''}"
+        return f"{kind} {self.name!r}: {nodes}, depth {self.depth}, top-{self.top_k}"
 
 
 def build_tree(paths: Any, name: str = "custom", ordered: bool = False) -> MedusaTree:
