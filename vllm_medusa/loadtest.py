@@ -350,12 +350,11 @@ def turn_order(rounds: int) -> list[str]:
 def _run_both(args: argparse.Namespace, requests: list[LoadRequest]) -> dict[str, Any]:
     """Every round sends the whole load to each server in turn, one server at a time so that
     neither competes for cores; both are up throughout (the idle one waits on its socket)."""
-    from vllm_medusa.server import check_loopback, launch, wait_ready
+    from vllm_medusa.server import check_loopback, running_server
 
     urls = {"reference": args.reference_url, "medusa": args.medusa_url}
     runs: dict[str, list[tuple[list[LoadResult], RunSummary]]] = {n: [] for n in urls}
     with contextlib.ExitStack() as stack:
-        started = {}
         for name, url in urls.items():
             if url is not None:
                 urls[name] = check_loopback(url)
@@ -363,11 +362,7 @@ def _run_both(args: argparse.Namespace, requests: list[LoadRequest]) -> dict[str
             config = _speculative_config(args) if name == "medusa" else None
             log = Path(args.log_dir) / f"{name}-server.log"
             print(f"starting the {name} server (log: {log})", file=sys.stderr)
-            started[name] = launch(args.model, log, config)
-            stack.callback(started[name].stop)
-        for name, server in started.items():
-            wait_ready(server)
-            urls[name] = server.base_url
+            urls[name] = stack.enter_context(running_server(args.model, log, config)).base_url
         for turn, name in enumerate(turn_order(args.rounds)):
             label = f"{name} (round {turn // 2 + 1})" if args.rounds > 1 else name
             runs[name].append(asyncio.run(_measured_run(label, urls[name], requests, args)))
