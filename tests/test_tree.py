@@ -21,11 +21,14 @@ from vllm_medusa.tree import (
     tree_setting,
 )
 from vllm_medusa.tree_attention import (
+    NULL_BLOCK,
+    RESERVED_BLOCKS,
     KVLayout,
     TreeSequence,
     TreeStep,
     attend_trees,
     kv_layout,
+    spare_blocks,
 )
 from vllm_medusa.verify import copy_kv_slots
 
@@ -203,21 +206,22 @@ def test_kv_layout_reads_back_what_the_kernel_wrote():
     )
 
 
-def _tree_attention_against_brute_force(
-    dtype, masks, contexts, starts, block_table, num_tokens, num_blocks
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the tree attention over a cache written by vLLM's own kernel and check every tree
-    row against attention computed by hand; returns the output and the cache before/after."""
+def _tree_attention_against_brute_force(dtype, requests, block_table) -> TreeStep:
+    """Run a step's attention over a cache written by vLLM's own kernel and check every row
+    against attention computed by hand, and that no block but the spare ones was written.
+    `requests`: (tree mask, or None for a plain request of `n` causal tokens such as a
+    prefill chunk or a decode; context length; n). Returns the step."""
     from types import SimpleNamespace
 
     torch.manual_seed(0)
     block_size, head, num_heads, kv_heads = 32, 64, 4, 2
+    num_blocks = int(block_table.max()) + 1 + RESERVED_BLOCKS  # requests' blocks, then spares
     kv_cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head, dtype=dtype)
+    num_tokens = sum(n for _, _, n in requests)
     query = torch.randn(num_tokens, num_heads, head, dtype=dtype)
     output = torch.full_like(query, float("nan"))
-    sequences, keys, values = [], [], []
-    for req, (mask, context, start) in enumerate(zip(masks, contexts, starts, strict=True)):
-        n = mask.shape[0]
+    sequences, keys, values, starts = [], [], [], [0]
+    for req, (mask, context, n) in enumerate(requests):
         key = torch.randn(context + n, kv_heads, head, dtype=dtype)
         value = torch.randn(context + n, kv_heads, head, dtype=dtype)
         positions = torch.arange(context + n)
@@ -227,64 +231,75 @@ def _tree_attention_against_brute_force(
         _write_kv(kv_cache, key, value, slots)
         keys.append(key)
         values.append(value)
-        sequences.append(TreeSequence(req, start, context, mask))
-        # What vLLM's causal pass leaves: rows right where the tree is a chain so far.
-        output[start : start + n] = 0
+        if mask is not None:
+            sequences.append(TreeSequence(req, starts[-1], context, mask))
+        starts.append(starts[-1] + n)
     before = kv_cache.clone()
     layout = kv_layout("vec", block_size, head, dtype)
-    ends = [s + m.shape[0] for s, m in zip(starts, masks, strict=True)]
-    step = TreeStep(sequences, query_starts=sorted(set([0, *starts, *ends, num_tokens])))
+    step = TreeStep(sequences, query_starts=starts)
     impl = SimpleNamespace(scale=0.125, logits_soft_cap=0, kv_cache_dtype="auto")
     layer = SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
-    attend_trees(step, impl, layer, query, kv_cache, layout, block_table, output)
-    for req, (mask, context, start) in enumerate(zip(masks, contexts, starts, strict=True)):
-        n = mask.shape[0]
+    metadata = SimpleNamespace(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor([c + n for _, c, n in requests], dtype=torch.int32),
+        block_table=block_table,
+        num_actual_tokens=num_tokens,
+    )
+    attend_trees(step, impl, layer, query, kv_cache, layout, metadata, output)
+    for req, (mask, context, n) in enumerate(requests):
+        if mask is None:
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
         for node in range(n):
-            if mask[node, : node + 1].all():  # the causal pass's row is the tree's: kept
-                assert (output[start + node] == 0).all()
-                continue
             visible = list(range(context)) + [context + j for j in range(n) if mask[node, j]]
-            q = query[start + node].double()  # [num_heads, head]
+            q = query[starts[req] + node].double()  # [num_heads, head]
             k = keys[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
             v = values[req][visible].double().repeat_interleave(num_heads // kv_heads, dim=1)
             weights = torch.softmax(torch.einsum("hd,thd->ht", q, k) * 0.125, dim=-1)
             expected = torch.einsum("ht,thd->hd", weights, v)
             tolerance = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(
-                output[start + node].double(), expected, atol=tolerance, rtol=0
+                output[starts[req] + node].double(), expected, atol=tolerance, rtol=0
             )
-    return output, before, kv_cache
+    owned = [b for b in range(num_blocks) if b not in spare_blocks(num_blocks)]
+    assert torch.equal(kv_cache[owned], before[owned])
+    step.metadata = metadata
+    return step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_attention_matches_brute_force(dtype):
     tree = build_tree(SMALL)
-    # Three requests with interleaved blocks: the first's tree crosses a block boundary (its
-    # paths' nodes land in two blocks), the second verifies a cut tree (root + 3 nodes) and
-    # sits behind a plain decode token that the tree attention must leave alone, the third
-    # has two full context blocks before its tree. Several paths: a scratch copy.
-    masks = [tree.attention_mask[:n, :n] for n in (6, 4, 6)]
-    block_table = torch.tensor([[4, 1, 0], [2, 0, 0], [5, 3, 6]], dtype=torch.int32)
-    output, before, after = _tree_attention_against_brute_force(
-        dtype, masks, [29, 7, 70], [0, 7, 11], block_table, num_tokens=17, num_blocks=7
+    # Three tree requests with interleaved blocks, among a plain decode and a prefill chunk:
+    # the first tree crosses a block boundary (its paths' nodes land in two blocks), the
+    # second is a cut tree (root + 3 nodes), the third has two full context blocks before its
+    # tree. Their paths need more tails than there are spare blocks: two batches.
+    requests = [
+        (tree.attention_mask[:6, :6], 30, 6),
+        (None, 40, 1),
+        (tree.attention_mask[:4, :4], 7, 4),
+        (tree.attention_mask, 70, 6),
+        (None, 5, 9),
+    ]
+    block_table = torch.tensor(
+        [[4, 1, 0], [7, 8, 0], [2, 0, 0], [5, 3, 6], [9, 0, 0]], dtype=torch.int32
     )
-    assert torch.equal(after, before)  # the paths were laid out in a scratch copy
-    assert output[6].isnan().all()  # not a tree row: untouched
+    step = _tree_attention_against_brute_force(dtype, requests, block_table)
+    layout = kv_layout("vec", 32, 64, dtype)
+    _, batches = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(17))
+    assert len(batches) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tree_attention_with_one_extra_path_uses_the_null_block(dtype):
-    from vllm_medusa.tree_attention import NULL_BLOCK
-
+def test_tree_attention_with_one_extra_path(dtype):
     # A chain of 3, then a second child of the root: one path to compute again, whose tail
-    # is laid out in vLLM's null block; the context (two full blocks) is read in place.
+    # goes to one spare block; the context (two full blocks) is read in place.
     mask = build_tree([[0], [0, 0], [0, 0, 0], [1]], ordered=True).attention_mask
     block_table = torch.tensor([[2, 3, 1]], dtype=torch.int32)
-    _, before, after = _tree_attention_against_brute_force(
-        dtype, [mask], [70], [0], block_table, num_tokens=5, num_blocks=4
-    )
-    others = [b for b in range(4) if b != NULL_BLOCK]
-    assert torch.equal(after[others], before[others])
+    step = _tree_attention_against_brute_force(dtype, [(mask, 70, 5)], block_table)
+    layout = kv_layout("vec", 32, 64, dtype)
+    _, batches = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(11))
+    assert [b.tail_copies for b in batches] == [[(NULL_BLOCK, 1)]]
+    assert batches[0].block_table.tolist() == [[2, 3, NULL_BLOCK]]
 
 
 def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():

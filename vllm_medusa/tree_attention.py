@@ -1,13 +1,15 @@
 """Attention for tree verification over vLLM's paged KV cache.
 
 vLLM's CPU attention kernel knows only causal masks. In a step that verifies trees, the kernel
-runs for the whole batch (prefill chunks, plain decodes and trees alike), which leaves right
-every tree row whose ancestors are all the rows before it (the root, and the tree's first
-branch as far as it is a chain). The other rows are computed again by the same kernel: each
-root-to-leaf path is a causal sequence of its own (context, then the path's nodes), laid out
-in vLLM's null block or a scratch copy of the request's blocks (`PathBatch`), so a node sees
-the request's context, its ancestors and itself. The tree tokens' keys and values are
-already in the cache at their slots (context + node index) when this runs.
+runs once for the whole batch (prefill chunks, plain decodes and trees alike, `MainCall`), in
+which a tree request's rows are right where their ancestors are all the rows before them (the
+root, and the tree's first branch as far as it is a chain). Its other rows are computed by the
+same kernel in a second call: each root-to-leaf path is a causal sequence of its own (context,
+then the path's nodes), its context read in place and its nodes laid out in spare blocks of the
+cache that no request owns (`PathBatch`), so a node sees the request's context, its ancestors
+and itself. The first call gives those rows a few keys only (the kernel's cost grows with rows
+times keys, and they are overwritten). The tree tokens' keys and values are already in the
+cache at their slots (context + node index) when this runs.
 
 How a block stores its keys and values is the kernel's business and differs between its
 instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 
@@ -37,36 +40,92 @@ class TreeSequence:
     def num_tokens(self) -> int:
         return self.node_mask.shape[0]
 
+    @functools.cached_property
+    def num_right(self) -> int:
+        """Rows a causal pass gets right: a prefix, those whose ancestors are all the rows
+        before them."""
+        mask = self.node_mask
+        return next(
+            (j for j in range(self.num_tokens) if not mask[j, : j + 1].all()), self.num_tokens
+        )
+
+
+@dataclass
+class MainCall:
+    """vLLM's causal call for every row of the step, with each tree request split in two
+    sequences: the rows the causal mask gets right, over the context and themselves, and the
+    rest as a sequence of as many keys as rows (the request's first slots), whose rows the
+    paths overwrite. Built once per step from the metadata vLLM built for its own call."""
+
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    block_table: torch.Tensor  # [S, max_blocks] int32
+    scheduler_metadata: torch.Tensor | None = None  # the kernel's, built by the first layer
+
+
+def _main_call(
+    sequences: list[TreeSequence],
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
+) -> MainCall:
+    trees = {seq.req_index: seq for seq in sequences}
+    starts, lens, table_rows = [0], [], []
+    for req, seq_len in enumerate(seq_lens):
+        end = query_start_loc[req + 1]
+        tree = trees.get(req)
+        if tree is not None:
+            wrong = tree.num_tokens - tree.num_right
+            starts.append(end - wrong)
+            lens.append(seq_len - wrong)
+            table_rows.append(req)
+            seq_len = wrong
+        starts.append(end)
+        lens.append(seq_len)
+        table_rows.append(req)
+    return MainCall(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_table=block_table.index_select(0, torch.tensor(table_rows)),
+    )
+
 
 @dataclass
 class PathBatch:
-    """The tree rows the causal pass got wrong, regrouped as causal sequences that vLLM's
-    kernel can compute: one per root-to-leaf path, holding the path's rows not already right
-    or taken by an earlier path (always the path's last ones, since what is right or taken is
-    closed under ancestry). Each path's keys and values are laid out contiguously after its
-    request's context: its full context blocks as they are, then "tail" blocks that start as
-    copies of the blocks from the context's end, with the path's nodes moved into place, so
-    the kernel sees context + ancestors + node with a plain causal mask.
-
-    Where the step needs a single tail (one request, one extra path: the common case at batch
-    1), it is vLLM's null block in the cache itself, which no request owns and no attention
-    reads, so the context is read where it lies. Otherwise the kernel reads a scratch copy of
-    every block the paths use."""
+    """Tree rows the causal pass got wrong, regrouped as causal sequences that vLLM's kernel
+    can compute: one per root-to-leaf path, holding the path's rows not already right or taken
+    by an earlier path (always the path's last ones, since what is right or taken is closed
+    under ancestry). Each path's keys and values are laid out contiguously after its request's
+    context: its full context blocks read where they are, then "tail" blocks that start as
+    copies of the request's blocks from the context's end, with the path's nodes moved into
+    place, so the kernel sees context + ancestors + node with a plain causal mask. Tails are
+    spare blocks of the cache that no request owns (`spare_blocks`); a step whose paths need
+    more tails than there are spares runs several batches, one after the other."""
 
     rows: torch.Tensor  # [Q] long: the step's token index of each recomputed row, path by path
     query_start_loc: torch.Tensor  # [P + 1] int32
     seq_lens: torch.Tensor  # [P] int32: context + path length
-    block_table: torch.Tensor  # [P, max_blocks] int32: blocks of the cache the kernel reads
-    in_place: bool  # that cache is vLLM's own (else a scratch copy)
-    src_blocks: torch.Tensor  # [S] long: the blocks copied to the null block or the scratch
+    block_table: torch.Tensor  # [P, max_blocks] int32: context blocks, then spare blocks
+    # (spare block, request block it starts as a copy of), as Python ints: one `copy_` each,
+    # several times faster here than `index_select` and `index_copy_` over blocks.
+    tail_copies: list[tuple[int, int]]
     move_src: torch.Tensor  # [E] long: elements of the cache (flat) that are moved ...
-    move_dst: torch.Tensor  # [E] long: ... to these of the cache the kernel reads (flat)
+    move_dst: torch.Tensor  # [E] long: ... to these, in spare blocks (flat)
     scheduler_metadata: torch.Tensor | None = None  # the kernel's, built by the first layer
 
 
 # vLLM's placeholder block (`BlockPool.null_block`): allocated to no request, read by no
 # attention, so a layer may use it as scratch while it runs.
 NULL_BLOCK = 0
+# Blocks at the end of every layer's cache that the scheduler never hands out where the CPU
+# attention verifies trees (`vllm_medusa.patches.scheduler`).
+RESERVED_BLOCKS = 7
+
+
+def spare_blocks(num_blocks: int) -> list[int]:
+    """Blocks of a CPU KV cache of `num_blocks` that a layer may write while it runs: the
+    null block and the reserved ones."""
+    return [NULL_BLOCK, *range(num_blocks - RESERVED_BLOCKS, num_blocks)]
 
 
 class TreeStep:
@@ -76,18 +135,85 @@ class TreeStep:
         self.sequences = sequences
         self.query_starts = query_starts  # [num_reqs + 1]: each request's first token, then the end
         self.backend_data: dict[str, object] = {}  # what a backend builds once per step
-        self._paths: dict[tuple[int, int], PathBatch] = {}
+        # Per attention metadata object (one per KV cache group): it, and its calls.
+        self._cpu_calls: dict[int, tuple[Any, MainCall, list[PathBatch]]] = {}
 
-    def paths(
-        self, block_table: torch.Tensor, block_size: int, num_kv_heads: int, layout: KVLayout
-    ) -> PathBatch:
-        """Built by the first layer that asks, shared by the others."""
-        key = (block_size, num_kv_heads)
-        if key not in self._paths:
-            self._paths[key] = _paths(
-                self.sequences, block_table.tolist(), block_size, num_kv_heads, layout
+    def cpu_calls(
+        self,
+        attn_metadata: Any,
+        block_size: int,
+        num_kv_heads: int,
+        layout: KVLayout,
+        spares: list[int],
+    ) -> tuple[MainCall, list[PathBatch]]:
+        """Built by the first layer that asks, shared by the others of its group."""
+        key = id(attn_metadata)
+        if key not in self._cpu_calls:
+            num_reqs = attn_metadata.seq_lens.shape[0]
+            block_table = attn_metadata.block_table[:num_reqs]
+            main = _main_call(
+                self.sequences,
+                attn_metadata.query_start_loc.tolist(),
+                attn_metadata.seq_lens.tolist(),
+                block_table,
             )
-        return self._paths[key]
+            paths = _paths(
+                self.sequences, block_table.tolist(), block_size, num_kv_heads, layout, spares
+            )
+            self._cpu_calls[key] = (attn_metadata, main, paths)
+        return self._cpu_calls[key][1:]
+
+
+@dataclass
+class _Path:
+    """One path of `PathBatch`, before batching."""
+
+    rows: list[int]
+    seq_len: int
+    context_blocks: list[int]
+    tail_src: list[int]
+    moves: list[tuple[int, int, int, int]]  # (cache block, offset, tail number, offset)
+
+
+def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list[_Path]:
+    mask = seq.node_mask
+    n, context = seq.num_tokens, seq.context_len
+    full = context // block_size  # context blocks every path reads in place
+    used = -(-(context + n) // block_size)  # blocks holding the context and the tree
+    done = [j < seq.num_right for j in range(n)]  # right after the causal pass
+    paths = []
+    for leaf in (j for j in range(n) if not mask[j + 1 :, j].any()):
+        path = torch.nonzero(mask[leaf]).flatten().tolist()  # root .. leaf
+        todo = [node for node in path if not done[node]]
+        if not todo:
+            continue
+        for node in todo:
+            done[node] = True
+        seq_len = context + len(path)
+        tails = -(-seq_len // block_size) - full
+        moves = []
+        for depth, node in enumerate(path):
+            if node == depth:  # already where the path needs it
+                continue
+            source, target = context + node, context + depth
+            moves.append(
+                (
+                    table[source // block_size],
+                    source % block_size,
+                    target // block_size - full,
+                    target % block_size,
+                )
+            )
+        paths.append(
+            _Path(
+                rows=[seq.token_start + node for node in todo],
+                seq_len=seq_len,
+                context_blocks=table[:full],
+                tail_src=[table[min(full + t, used - 1)] for t in range(tails)],
+                moves=moves,
+            )
+        )
+    return paths
 
 
 def _paths(
@@ -96,60 +222,40 @@ def _paths(
     block_size: int,
     num_kv_heads: int,
     layout: KVLayout,
+    spares: list[int],
+) -> list[PathBatch]:
+    """The step's paths, in batches whose tails fit in the spare blocks."""
+    paths = [
+        path
+        for seq in sequences
+        for path in _request_paths(seq, block_table[seq.req_index], block_size)
+    ]
+    batches: list[list[_Path]] = [[]]
+    for path in paths:
+        if len(path.tail_src) > len(spares):
+            raise RuntimeError(
+                f"a tree path needs {len(path.tail_src)} KV blocks after its context, more "
+                f"than the {len(spares)} spare ones: use a larger block size or a shallower tree"
+            )
+        if sum(len(p.tail_src) for p in batches[-1]) + len(path.tail_src) > len(spares):
+            batches.append([])
+        batches[-1].append(path)
+    return [_path_batch(batch, num_kv_heads, layout, spares) for batch in batches]
+
+
+def _path_batch(
+    paths: list[_Path], num_kv_heads: int, layout: KVLayout, spares: list[int]
 ) -> PathBatch:
     stretch = 2 * layout.key_index.numel()  # values per (block, KV head)
     heads = torch.arange(num_kv_heads)
-    rows, query_starts, seq_lens, tables = [], [0], [], []
-    src_blocks: list[int] = []  # the scratch copy's blocks
-    tail_blocks: list[int] = []  # which of them are tails
-    moves: list[tuple[int, int, int, int]] = []  # (cache block, offset, scratch block, offset)
-    for seq in sequences:
-        mask = seq.node_mask
-        n, context = seq.num_tokens, seq.context_len
-        table = block_table[seq.req_index]
-        full = context // block_size  # context blocks every path shares
-        used = -(-(context + n) // block_size)  # blocks holding the context and the tree
-        shared = list(range(len(src_blocks), len(src_blocks) + full))
-        src_blocks += table[:full]
-        # Right after the causal pass: a row whose ancestors are all the rows before it.
-        done = [bool(mask[j, : j + 1].all()) for j in range(n)]
-        leaves = [j for j in range(n) if not mask[j + 1 :, j].any()]
-        for leaf in leaves:
-            path = torch.nonzero(mask[leaf]).flatten().tolist()  # root .. leaf
-            todo = [node for node in path if not done[node]]
-            if not todo:
-                continue
-            for node in todo:
-                done[node] = True
-            seq_len = context + len(path)
-            tails = []
-            for t in range(-(-seq_len // block_size) - full):
-                tails.append(len(src_blocks))
-                tail_blocks.append(len(src_blocks))
-                src_blocks.append(table[min(full + t, used - 1)])
-            tables.append(shared + tails)
-            for depth, node in enumerate(path):
-                if node == depth:  # already where the path needs it
-                    continue
-                source, target = context + node, context + depth
-                moves.append(
-                    (
-                        table[source // block_size],
-                        source % block_size,
-                        tails[target // block_size - full],
-                        target % block_size,
-                    )
-                )
-            rows += [seq.token_start + node for node in todo]
-            query_starts.append(len(rows))
-            seq_lens.append(seq_len)
-    in_place = len(tail_blocks) == 1
-    if in_place:
-        where = {i: block for i, block in enumerate(src_blocks)}
-        where[tail_blocks[0]] = NULL_BLOCK
-        tables = [[where[i] for i in table] for table in tables]
-        moves = [(block, offset, where[i], target) for block, offset, i, target in moves]
-        src_blocks = [src_blocks[tail_blocks[0]]]
+    rows, query_starts, tables, tail_src, moves = [], [0], [], [], []
+    for path in paths:
+        tails = spares[len(tail_src) : len(tail_src) + len(path.tail_src)]
+        tail_src += path.tail_src
+        tables.append(path.context_blocks + tails)
+        moves += [(block, offset, tails[t], target) for block, offset, t, target in path.moves]
+        rows += path.rows
+        query_starts.append(len(rows))
     width = max(len(t) for t in tables)
     move = torch.tensor(moves, dtype=torch.long).view(-1, 4)
 
@@ -161,10 +267,9 @@ def _paths(
     return PathBatch(
         rows=torch.tensor(rows, dtype=torch.long),
         query_start_loc=torch.tensor(query_starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        seq_lens=torch.tensor([p.seq_len for p in paths], dtype=torch.int32),
         block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        in_place=in_place,
-        src_blocks=torch.tensor(src_blocks, dtype=torch.long),
+        tail_copies=list(zip(spares, tail_src, strict=False)),
         move_src=elements(move[:, 0], move[:, 1]),
         move_dst=elements(move[:, 2], move[:, 3]),
     )
@@ -267,6 +372,73 @@ def kv_layout(isa: str, block_size: int, head: int, dtype: torch.dtype) -> KVLay
     return KVLayout(indices[0], indices[1], _form(indices[0]), _form(indices[1]))
 
 
+def _scheduler_metadata(
+    impl: CPUAttentionBackendImpl,
+    layer: Any,
+    query: torch.Tensor,  # [num_tokens, num_heads, head]
+    num_kv_heads: int,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> torch.Tensor:
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(seq_lens),
+        num_heads=query.shape[1],
+        num_kv_heads=num_kv_heads,
+        head_dim=query.shape[2],
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=layer.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+
+
+def _causal_kernel(
+    impl: CPUAttentionBackendImpl,
+    layer: Any,
+    query: torch.Tensor,  # [Q, num_heads, head]
+    cache: torch.Tensor,  # [blocks, num_kv_heads, block_size, 2 * head]
+    output: torch.Tensor,  # [Q, num_heads, head]
+    call: MainCall | PathBatch,
+) -> None:
+    """vLLM's kernel, causal, over the sequences `call` describes."""
+    from vllm import _custom_ops as ops
+
+    blocks, num_kv_heads, block_size, two_head = cache.shape
+    if call.scheduler_metadata is None:
+        call.scheduler_metadata = _scheduler_metadata(
+            impl, layer, query, num_kv_heads, call.query_start_loc, call.seq_lens
+        )
+    key_cache, value_cache = cache.view(blocks, num_kv_heads, 2 * block_size, two_head // 2).chunk(
+        2, dim=2
+    )
+    ops.cpu_attention_with_kv_cache(
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=output,
+        query_start_loc=call.query_start_loc,
+        seq_lens=call.seq_lens,
+        scale=impl.scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=call.block_table,
+        softcap=impl.logits_soft_cap,
+        scheduler_metadata=call.scheduler_metadata,
+        s_aux=None,
+        k_scale=layer._k_scale_float,
+        v_scale=layer._v_scale_float,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+
+
 def attend_trees(
     step: TreeStep,
     impl: CPUAttentionBackendImpl,
@@ -274,79 +446,50 @@ def attend_trees(
     query: torch.Tensor,  # [num_tokens, num_heads, head]
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head]
     layout: KVLayout,
-    block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
-    output: torch.Tensor,  # [num_tokens, num_heads, head]: wrong rows overwritten
+    attn_metadata: Any,  # vLLM's for this layer: query_start_loc, seq_lens, block_table
+    output: torch.Tensor,  # [num_tokens, num_heads, head]
 ) -> None:
-    """The wrong rows again, through vLLM's own kernel over the paths' blocks (`PathBatch`):
-    a handful of tensor calls per layer whatever the trees' shapes."""
-    from vllm import _custom_ops as ops
-    from vllm import envs
-
-    _, num_kv_heads, block_size, two_head = kv_cache.shape
-    paths = step.paths(block_table, block_size, num_kv_heads, layout)
-    if paths.scheduler_metadata is None:
-        paths.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(paths.seq_lens),
-            num_heads=query.shape[1],
-            num_kv_heads=num_kv_heads,
-            head_dim=two_head // 2,
-            seq_lens=paths.seq_lens,
-            dtype=query.dtype,
-            query_start_loc=paths.query_start_loc,
-            causal=True,
-            sliding_window_size=-1,
-            isa=layer.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            kv_cache_dtype=impl.kv_cache_dtype,
-        )
-    if paths.in_place:
-        cache = kv_cache
-        cache[NULL_BLOCK] = kv_cache[paths.src_blocks[0]]
-    else:
-        cache = kv_cache.index_select(0, paths.src_blocks)  # [S, kv_heads, block_size, 2 * head]
-    cache.view(-1).index_copy_(0, paths.move_dst, kv_cache.view(-1)[paths.move_src])
-    key_cache, value_cache = cache.view(
-        cache.shape[0], num_kv_heads, 2 * block_size, two_head // 2
-    ).chunk(2, dim=2)
-    rows = query.index_select(0, paths.rows)  # [Q, num_heads, head]
-    attended = torch.empty_like(rows)
-    ops.cpu_attention_with_kv_cache(
-        query=rows,
-        key_cache=key_cache,
-        value_cache=value_cache,
-        output=attended,
-        query_start_loc=paths.query_start_loc,
-        seq_lens=paths.seq_lens,
-        scale=impl.scale,
-        causal=True,
-        alibi_slopes=None,
-        sliding_window=-1,
-        block_table=paths.block_table,
-        softcap=impl.logits_soft_cap,
-        scheduler_metadata=paths.scheduler_metadata,
-        s_aux=None,
-        k_scale=layer._k_scale_float,
-        v_scale=layer._v_scale_float,
-        kv_cache_dtype=impl.kv_cache_dtype,
+    """The step's attention: every row through vLLM's kernel with causal masks (`MainCall`),
+    then the tree rows that mask gets wrong again, over the paths' blocks (`PathBatch`): a
+    handful of tensor calls per layer whatever the trees' shapes (per batch of paths, where
+    they need more tails than there are spare blocks)."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    main, batches = step.cpu_calls(
+        attn_metadata, block_size, num_kv_heads, layout, spare_blocks(num_blocks)
     )
-    output.index_copy_(0, paths.rows, attended.to(output.dtype))
+    tokens = attn_metadata.num_actual_tokens
+    _causal_kernel(impl, layer, query[:tokens], kv_cache, output[:tokens], main)
+    flat = kv_cache.view(-1)
+    for paths in batches:
+        for spare, block in paths.tail_copies:
+            kv_cache[spare].copy_(kv_cache[block])
+        flat.index_copy_(0, paths.move_dst, flat.index_select(0, paths.move_src))
+        rows = query.index_select(0, paths.rows)  # [Q, num_heads, head]
+        attended = torch.empty_like(rows)
+        _causal_kernel(impl, layer, rows, kv_cache, attended, paths)
+        output.index_copy_(0, paths.rows, attended)
 
 
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
-    """vLLM's CPU attention, then the tree requests' rows it got wrong again, as paths."""
+    """vLLM's CPU attention; in a step that verifies trees, the same kernel called with the
+    tree requests' rows split so that each row sees its context, its ancestors and itself."""
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
-        output = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
-        )
         step = tree_step_of(attn_metadata)
         if step is None:
-            return output
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
+            )
         if (
             self.sliding_window != -1
             or self.alibi_slopes is not None
             or self.sinks is not None
             or self.is_fp8_kv_cache
+            or self.attn_type != AttentionType.DECODER
+            or not attn_metadata.causal
+            or attn_metadata.dynamic_causal is not None
+            or args
+            or any(v is not None for v in kw.values())
         ):
             raise NotImplementedError(
                 "vllm-medusa tree verification supports plain causal attention with an "
@@ -354,7 +497,7 @@ class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             )
         _, _, block_size, two_head = kv_cache.shape
         layout = kv_layout(layer.isa, block_size, two_head // 2, kv_cache.dtype)
-        attend_trees(step, self, layer, query, kv_cache, layout, attn_metadata.block_table, output)
+        attend_trees(step, self, layer, query, kv_cache, layout, attn_metadata, output)
         return output
 
 

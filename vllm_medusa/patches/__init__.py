@@ -17,6 +17,8 @@ Each module touches one vLLM surface and names the vLLM version it was read from
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
 - `triton_attention`: `TRITON_ATTN` resolves to a subclass that applies tree masks through its
   kernel's `qq_bias`.
+- `scheduler`: where the CPU attention verifies trees, the scheduler allocates from all KV
+  cache blocks but the last few, which that attention uses to lay out tree paths.
 - `vllm_config`: serving trees on a GPU selects Triton attention (refusing other backends)
   and keeps attention out of full CUDA graphs.
 - `structured_output`: while trees are verified, requests with structured outputs get no
@@ -34,6 +36,7 @@ from vllm_medusa.patches import (
     model_registry,
     model_runner,
     sampling_params,
+    scheduler,
     speculative_config,
     structured_output,
     triton_attention,
@@ -47,6 +50,7 @@ def apply() -> None:
     speculative_config.apply()
     model_runner.apply()
     cpu_attention.apply()
+    scheduler.apply()
     triton_attention.apply()
     vllm_config.apply()
     structured_output.apply()

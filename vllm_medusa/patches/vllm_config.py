@@ -53,7 +53,8 @@ def tree_attention_settings(device_type: str, backend: Any, cudagraph_mode: Any)
     return backend, cudagraph_mode
 
 
-def _serves_medusa_tree(config: Any) -> bool:
+def serves_medusa_tree(config: Any) -> bool:
+    """Whether the engine verifies Medusa trees (static or per request), not only chains."""
     spec = config.speculative_config
     return (
         spec is not None
@@ -73,7 +74,7 @@ def apply() -> None:
 
     def _maybe_override_dynamic_sd_cudagraph_mode(self) -> None:
         original(self)
-        if not _serves_medusa_tree(self):
+        if not serves_medusa_tree(self):
             return
         backend, mode = tree_attention_settings(
             self.device_config.device_type,
