@@ -37,9 +37,9 @@ ENGINE = engine_kwargs(
     max_model_len=MAX_MODEL_LEN,
     max_num_seqs=16,
     max_num_batched_tokens=384,  # prompts longer than this are prefilled in chunks
-    # About 1,250 tokens of SmolLM2 in blocks of 32 for requests (and the 7 blocks that tree
+    # About 1,250 tokens of SmolLM2 in blocks of 32 for requests (and the 15 blocks that tree
     # verification keeps): batch 16 is admitted whole, then outgrows the cache and preempts.
-    kv_cache_memory_bytes=66 << 20,
+    kv_cache_memory_bytes=77 << 20,
     block_size=32,
     enable_prefix_caching=True,
 )

@@ -272,7 +272,7 @@ def test_tree_attention_matches_brute_force(dtype):
     # Three tree requests with interleaved blocks, among a plain decode and a prefill chunk:
     # the first tree crosses a block boundary (its paths' nodes land in two blocks), the
     # second is a cut tree (root + 3 nodes), the third has two full context blocks before its
-    # tree. Their paths need more tails than there are spare blocks: two batches.
+    # tree. Their paths need more tails than there are spare blocks: a second kernel call.
     requests = [
         (tree.attention_mask[:6, :6], 30, 6),
         (None, 40, 1),
@@ -285,8 +285,8 @@ def test_tree_attention_matches_brute_force(dtype):
     )
     step = _tree_attention_against_brute_force(dtype, requests, block_table)
     layout = kv_layout("vec", 32, 64, dtype)
-    _, batches = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(17))
-    assert len(batches) == 2
+    calls = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(17))
+    assert [call.rows is None for call in calls] == [True, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -297,9 +297,12 @@ def test_tree_attention_with_one_extra_path(dtype):
     block_table = torch.tensor([[2, 3, 1]], dtype=torch.int32)
     step = _tree_attention_against_brute_force(dtype, [(mask, 70, 5)], block_table)
     layout = kv_layout("vec", 32, 64, dtype)
-    _, batches = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(11))
-    assert [b.tail_copies for b in batches] == [[(NULL_BLOCK, 1)]]
-    assert batches[0].block_table.tolist() == [[2, 3, NULL_BLOCK]]
+    [call] = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(11))
+    assert call.tail_copies == [(NULL_BLOCK, 1)]
+    # The chain of 3 as one sequence, then the root's second child over its own path.
+    assert call.query_start_loc.tolist() == [0, 4, 5]
+    assert call.seq_lens.tolist() == [74, 72]
+    assert call.block_table.tolist() == [[2, 3, 1], [2, 3, NULL_BLOCK]]
 
 
 def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():

@@ -1,15 +1,14 @@
 """Attention for tree verification over vLLM's paged KV cache.
 
-vLLM's CPU attention kernel knows only causal masks. In a step that verifies trees, the kernel
-runs once for the whole batch (prefill chunks, plain decodes and trees alike, `MainCall`), in
-which a tree request's rows are right where their ancestors are all the rows before them (the
-root, and the tree's first branch as far as it is a chain). Its other rows are computed by the
-same kernel in a second call: each root-to-leaf path is a causal sequence of its own (context,
-then the path's nodes), its context read in place and its nodes laid out in spare blocks of the
-cache that no request owns (`PathBatch`), so a node sees the request's context, its ancestors
-and itself. The first call gives those rows a few keys only (the kernel's cost grows with rows
-times keys, and they are overwritten). The tree tokens' keys and values are already in the
-cache at their slots (context + node index) when this runs.
+vLLM's CPU attention kernel knows only causal masks, but takes any number of sequences, each
+with its own length and block table. In a step that verifies trees, the step's attention is
+one call of that kernel (`KernelCall`) in which a tree request is split: its rows the causal
+mask gets right (the root and the tree's first branch as far as it is a chain) stay one
+sequence over the request's blocks, and each other row becomes a sequence of its own, over its
+context read in place and then its path (root to the row) laid out in spare blocks of the cache
+that no request owns, so the row sees the request's context, its ancestors and itself. The
+tree tokens' keys and values are already in the cache at their slots (context + node index)
+when this runs.
 
 How a block stores its keys and values is the kernel's business and differs between its
 instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
@@ -51,66 +50,30 @@ class TreeSequence:
 
 
 @dataclass
-class MainCall:
-    """vLLM's causal call for every row of the step, with each tree request split in two
-    sequences: the rows the causal mask gets right, over the context and themselves, and the
-    rest as a sequence of as many keys as rows (the request's first slots), whose rows the
-    paths overwrite. Built once per step from the metadata vLLM built for its own call."""
+class KernelCall:
+    """One call of vLLM's causal kernel in a step that verifies trees, and the tail blocks it
+    reads (`spare_blocks`), laid out by the layer just before the call.
+
+    The step's first call computes every row of the step in place, in vLLM's own tensors:
+    requests without a tree as one sequence each, as vLLM would; a tree request as the rows
+    the causal mask gets right (the root and the first branch as far as it is a chain), then
+    each other row as a one-row sequence of its own over its path's layout: context blocks
+    read where they are, then tails that start as copies of the request's blocks from the
+    context's end with the path's nodes moved into place, so the row sees context, ancestors
+    and itself with a plain causal mask. The rows of one root-to-leaf path share its tails.
+    Where the step's paths need more tails than there are spare blocks, the rows of the paths
+    left over get one key in the first call and are computed again by later calls, gathered
+    (`rows`), one path per sequence."""
 
     query_start_loc: torch.Tensor  # [S + 1] int32
     seq_lens: torch.Tensor  # [S] int32
     block_table: torch.Tensor  # [S, max_blocks] int32
-    scheduler_metadata: torch.Tensor | None = None  # the kernel's, built by the first layer
-
-
-def _main_call(
-    sequences: list[TreeSequence],
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
-) -> MainCall:
-    trees = {seq.req_index: seq for seq in sequences}
-    starts, lens, table_rows = [0], [], []
-    for req, seq_len in enumerate(seq_lens):
-        end = query_start_loc[req + 1]
-        tree = trees.get(req)
-        if tree is not None:
-            wrong = tree.num_tokens - tree.num_right
-            starts.append(end - wrong)
-            lens.append(seq_len - wrong)
-            table_rows.append(req)
-            seq_len = wrong
-        starts.append(end)
-        lens.append(seq_len)
-        table_rows.append(req)
-    return MainCall(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        block_table=block_table.index_select(0, torch.tensor(table_rows)),
-    )
-
-
-@dataclass
-class PathBatch:
-    """Tree rows the causal pass got wrong, regrouped as causal sequences that vLLM's kernel
-    can compute: one per root-to-leaf path, holding the path's rows not already right or taken
-    by an earlier path (always the path's last ones, since what is right or taken is closed
-    under ancestry). Each path's keys and values are laid out contiguously after its request's
-    context: its full context blocks read where they are, then "tail" blocks that start as
-    copies of the request's blocks from the context's end, with the path's nodes moved into
-    place, so the kernel sees context + ancestors + node with a plain causal mask. Tails are
-    spare blocks of the cache that no request owns (`spare_blocks`); a step whose paths need
-    more tails than there are spares runs several batches, one after the other."""
-
-    rows: torch.Tensor  # [Q] long: the step's token index of each recomputed row, path by path
-    query_start_loc: torch.Tensor  # [P + 1] int32
-    seq_lens: torch.Tensor  # [P] int32: context + path length
-    block_table: torch.Tensor  # [P, max_blocks] int32: context blocks, then spare blocks
     # (spare block, request block it starts as a copy of), as Python ints: one `copy_` each,
     # several times faster here than `index_select` and `index_copy_` over blocks.
     tail_copies: list[tuple[int, int]]
     move_src: torch.Tensor  # [E] long: elements of the cache (flat) that are moved ...
     move_dst: torch.Tensor  # [E] long: ... to these, in spare blocks (flat)
+    rows: torch.Tensor | None  # [Q] long: the step's rows it computes; None: all, in place
     scheduler_metadata: torch.Tensor | None = None  # the kernel's, built by the first layer
 
 
@@ -119,7 +82,7 @@ class PathBatch:
 NULL_BLOCK = 0
 # Blocks at the end of every layer's cache that the scheduler never hands out where the CPU
 # attention verifies trees (`vllm_medusa.patches.scheduler`).
-RESERVED_BLOCKS = 7
+RESERVED_BLOCKS = 15
 
 
 def spare_blocks(num_blocks: int) -> list[int]:
@@ -136,7 +99,7 @@ class TreeStep:
         self.query_starts = query_starts  # [num_reqs + 1]: each request's first token, then the end
         self.backend_data: dict[str, object] = {}  # what a backend builds once per step
         # Per attention metadata object (one per KV cache group): it, and its calls.
-        self._cpu_calls: dict[int, tuple[Any, MainCall, list[PathBatch]]] = {}
+        self._cpu_calls: dict[int, tuple[Any, list[KernelCall]]] = {}
 
     def cpu_calls(
         self,
@@ -145,34 +108,40 @@ class TreeStep:
         num_kv_heads: int,
         layout: KVLayout,
         spares: list[int],
-    ) -> tuple[MainCall, list[PathBatch]]:
+    ) -> list[KernelCall]:
         """Built by the first layer that asks, shared by the others of its group."""
         key = id(attn_metadata)
         if key not in self._cpu_calls:
             num_reqs = attn_metadata.seq_lens.shape[0]
-            block_table = attn_metadata.block_table[:num_reqs]
-            main = _main_call(
+            calls = _kernel_calls(
                 self.sequences,
                 attn_metadata.query_start_loc.tolist(),
                 attn_metadata.seq_lens.tolist(),
-                block_table,
+                attn_metadata.block_table[:num_reqs].tolist(),
+                block_size,
+                _Elements(num_kv_heads, layout),
+                spares,
             )
-            paths = _paths(
-                self.sequences, block_table.tolist(), block_size, num_kv_heads, layout, spares
-            )
-            self._cpu_calls[key] = (attn_metadata, main, paths)
-        return self._cpu_calls[key][1:]
+            self._cpu_calls[key] = (attn_metadata, calls)
+        return self._cpu_calls[key][1]
 
 
 @dataclass
 class _Path:
-    """One path of `PathBatch`, before batching."""
+    """A root-to-leaf path of a tree request with rows the causal mask gets wrong: those not
+    right and not taken by an earlier path (always the path's last ones, since what is right
+    or taken is closed under ancestry)."""
 
-    rows: list[int]
-    seq_len: int
+    rows: list[int]  # the step's token index of each
+    first_depth: int  # the depth of the first (the others follow, one level each)
+    context_len: int
     context_blocks: list[int]
-    tail_src: list[int]
+    tail_src: list[int]  # the request blocks its tails start as copies of
     moves: list[tuple[int, int, int, int]]  # (cache block, offset, tail number, offset)
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + self.first_depth + len(self.rows)
 
 
 def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list[_Path]:
@@ -189,8 +158,7 @@ def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list
             continue
         for node in todo:
             done[node] = True
-        seq_len = context + len(path)
-        tails = -(-seq_len // block_size) - full
+        tails = -(-(context + len(path)) // block_size) - full
         moves = []
         for depth, node in enumerate(path):
             if node == depth:  # already where the path needs it
@@ -207,7 +175,8 @@ def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list
         paths.append(
             _Path(
                 rows=[seq.token_start + node for node in todo],
-                seq_len=seq_len,
+                first_depth=len(path) - len(todo),
+                context_len=context,
                 context_blocks=table[:full],
                 tail_src=[table[min(full + t, used - 1)] for t in range(tails)],
                 moves=moves,
@@ -216,63 +185,110 @@ def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list
     return paths
 
 
-def _paths(
+class _Elements:
+    """Flat indices of tokens' keys and values in a layer's cache."""
+
+    def __init__(self, num_kv_heads: int, layout: KVLayout) -> None:
+        self.stretch = 2 * layout.key_index.numel()  # values per (block, KV head)
+        self.heads = torch.arange(num_kv_heads)
+        self.layout = layout
+
+    def __call__(self, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[M] blocks and in-block offsets -> [M * kv_heads * 2 * head] flat indices."""
+        starts = (blocks[:, None] * self.heads.numel() + self.heads[None, :]) * self.stretch
+        return (starts[:, :, None] + self.layout.slot_index(offsets)[:, None, :]).flatten()
+
+
+class _CallBuilder:
+    """Sequences of one kernel call, and the layout of the paths' tails it reads."""
+
+    def __init__(self, spares: list[int]) -> None:
+        self.spares = spares
+        self.starts, self.lens, self.tables = [0], [], []
+        self.tail_copies: list[tuple[int, int]] = []
+        self.moves: list[tuple[int, int, int, int]] = []  # (block, offset, block, offset)
+        self.path_tables: dict[int, list[int]] = {}  # id(path) -> its blocks in this call
+        self.rows: list[int] = []  # the step's rows of its sequences, where gathered
+
+    def fits(self, path: _Path) -> bool:
+        return len(self.tail_copies) + len(path.tail_src) <= len(self.spares)
+
+    def lay_out(self, path: _Path) -> list[int]:
+        """Give `path` tails in spare blocks: the blocks its rows read."""
+        tails = self.spares[len(self.tail_copies) : len(self.tail_copies) + len(path.tail_src)]
+        self.tail_copies += list(zip(tails, path.tail_src, strict=True))
+        self.moves += [(block, offset, tails[t], target) for block, offset, t, target in path.moves]
+        self.path_tables[id(path)] = path.context_blocks + tails
+        return self.path_tables[id(path)]
+
+    def sequence(self, num_rows: int, seq_len: int, table: list[int]) -> None:
+        self.starts.append(self.starts[-1] + num_rows)
+        self.lens.append(seq_len)
+        self.tables.append(table)
+
+    def build(self, elements: _Elements, rows: list[int] | None) -> KernelCall:
+        width = max(len(t) for t in self.tables)
+        move = torch.tensor(self.moves, dtype=torch.long).view(-1, 4)
+        return KernelCall(
+            query_start_loc=torch.tensor(self.starts, dtype=torch.int32),
+            seq_lens=torch.tensor(self.lens, dtype=torch.int32),
+            block_table=torch.tensor(
+                [t + [0] * (width - len(t)) for t in self.tables], dtype=torch.int32
+            ),
+            tail_copies=self.tail_copies,
+            move_src=elements(move[:, 0], move[:, 1]),
+            move_dst=elements(move[:, 2], move[:, 3]),
+            rows=None if rows is None else torch.tensor(rows, dtype=torch.long),
+        )
+
+
+def _kernel_calls(
     sequences: list[TreeSequence],
+    query_start_loc: list[int],
+    seq_lens: list[int],
     block_table: list[list[int]],
     block_size: int,
-    num_kv_heads: int,
-    layout: KVLayout,
+    elements: _Elements,
     spares: list[int],
-) -> list[PathBatch]:
-    """The step's paths, in batches whose tails fit in the spare blocks."""
-    paths = [
-        path
-        for seq in sequences
-        for path in _request_paths(seq, block_table[seq.req_index], block_size)
-    ]
-    batches: list[list[_Path]] = [[]]
-    for path in paths:
-        if len(path.tail_src) > len(spares):
-            raise RuntimeError(
-                f"a tree path needs {len(path.tail_src)} KV blocks after its context, more "
-                f"than the {len(spares)} spare ones: use a larger block size or a shallower tree"
-            )
-        if sum(len(p.tail_src) for p in batches[-1]) + len(path.tail_src) > len(spares):
-            batches.append([])
-        batches[-1].append(path)
-    return [_path_batch(batch, num_kv_heads, layout, spares) for batch in batches]
-
-
-def _path_batch(
-    paths: list[_Path], num_kv_heads: int, layout: KVLayout, spares: list[int]
-) -> PathBatch:
-    stretch = 2 * layout.key_index.numel()  # values per (block, KV head)
-    heads = torch.arange(num_kv_heads)
-    rows, query_starts, tables, tail_src, moves = [], [0], [], [], []
-    for path in paths:
-        tails = spares[len(tail_src) : len(tail_src) + len(path.tail_src)]
-        tail_src += path.tail_src
-        tables.append(path.context_blocks + tails)
-        moves += [(block, offset, tails[t], target) for block, offset, t, target in path.moves]
-        rows += path.rows
-        query_starts.append(len(rows))
-    width = max(len(t) for t in tables)
-    move = torch.tensor(moves, dtype=torch.long).view(-1, 4)
-
-    def elements(blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """[M] blocks and in-block offsets -> [M * kv_heads * 2 * head] flat indices."""
-        starts = (blocks[:, None] * num_kv_heads + heads[None, :]) * stretch  # [M, kv_heads]
-        return (starts[:, :, None] + layout.slot_index(offsets)[:, None, :]).flatten()
-
-    return PathBatch(
-        rows=torch.tensor(rows, dtype=torch.long),
-        query_start_loc=torch.tensor(query_starts, dtype=torch.int32),
-        seq_lens=torch.tensor([p.seq_len for p in paths], dtype=torch.int32),
-        block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        tail_copies=list(zip(spares, tail_src, strict=False)),
-        move_src=elements(move[:, 0], move[:, 1]),
-        move_dst=elements(move[:, 2], move[:, 3]),
-    )
+) -> list[KernelCall]:
+    """The step's kernel calls: the first over every row in place, then one per batch of the
+    paths whose tails did not fit in the spare blocks (see `KernelCall`)."""
+    trees = {seq.req_index: seq for seq in sequences}
+    first = _CallBuilder(spares)
+    later: list[_CallBuilder] = []
+    for req, seq_len in enumerate(seq_lens):
+        table = block_table[req]
+        tree = trees.get(req)
+        if tree is None:
+            first.sequence(query_start_loc[req + 1] - query_start_loc[req], seq_len, table)
+            continue
+        first.sequence(tree.num_right, tree.context_len + tree.num_right, table)
+        row_paths: dict[int, tuple[_Path, int]] = {}  # wrong row -> its path, its depth
+        for path in _request_paths(tree, table, block_size):
+            if len(path.tail_src) > len(spares):
+                raise RuntimeError(
+                    f"a tree path needs {len(path.tail_src)} KV blocks after its context, "
+                    f"more than the {len(spares)} spare ones: use a larger block size or a "
+                    "shallower tree"
+                )
+            if first.fits(path):
+                first.lay_out(path)
+            else:
+                if not later or not later[-1].fits(path):
+                    later.append(_CallBuilder(spares))
+                later[-1].sequence(len(path.rows), path.seq_len, later[-1].lay_out(path))
+                later[-1].rows += path.rows
+            for i, row in enumerate(path.rows):
+                row_paths[row] = (path, path.first_depth + i)
+        for row in range(tree.token_start + tree.num_right, tree.token_start + tree.num_tokens):
+            path, depth = row_paths[row]
+            path_table = first.path_tables.get(id(path))
+            if path_table is None:  # computed by a later call: one key here
+                first.sequence(1, 1, table)
+            else:
+                first.sequence(1, path.context_len + depth + 1, path_table)
+    later_calls = [builder.build(elements, builder.rows) for builder in later]
+    return [first.build(elements, None), *later_calls]
 
 
 # On each attention metadata object of a step: that step's trees (None: no trees).
@@ -405,7 +421,7 @@ def _causal_kernel(
     query: torch.Tensor,  # [Q, num_heads, head]
     cache: torch.Tensor,  # [blocks, num_kv_heads, block_size, 2 * head]
     output: torch.Tensor,  # [Q, num_heads, head]
-    call: MainCall | PathBatch,
+    call: KernelCall,
 ) -> None:
     """vLLM's kernel, causal, over the sequences `call` describes."""
     from vllm import _custom_ops as ops
@@ -449,25 +465,26 @@ def attend_trees(
     attn_metadata: Any,  # vLLM's for this layer: query_start_loc, seq_lens, block_table
     output: torch.Tensor,  # [num_tokens, num_heads, head]
 ) -> None:
-    """The step's attention: every row through vLLM's kernel with causal masks (`MainCall`),
-    then the tree rows that mask gets wrong again, over the paths' blocks (`PathBatch`): a
-    handful of tensor calls per layer whatever the trees' shapes (per batch of paths, where
-    they need more tails than there are spare blocks)."""
+    """The step's attention, through vLLM's kernel in as few calls as the spare blocks allow
+    (`KernelCall`): per call, the paths' tails laid out, then the kernel; a handful of tensor
+    calls per layer whatever the trees' shapes."""
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-    main, batches = step.cpu_calls(
+    calls = step.cpu_calls(
         attn_metadata, block_size, num_kv_heads, layout, spare_blocks(num_blocks)
     )
     tokens = attn_metadata.num_actual_tokens
-    _causal_kernel(impl, layer, query[:tokens], kv_cache, output[:tokens], main)
     flat = kv_cache.view(-1)
-    for paths in batches:
-        for spare, block in paths.tail_copies:
+    for call in calls:
+        for spare, block in call.tail_copies:
             kv_cache[spare].copy_(kv_cache[block])
-        flat.index_copy_(0, paths.move_dst, flat.index_select(0, paths.move_src))
-        rows = query.index_select(0, paths.rows)  # [Q, num_heads, head]
+        flat.index_copy_(0, call.move_dst, flat.index_select(0, call.move_src))
+        if call.rows is None:
+            _causal_kernel(impl, layer, query[:tokens], kv_cache, output[:tokens], call)
+            continue
+        rows = query.index_select(0, call.rows)  # [Q, num_heads, head]
         attended = torch.empty_like(rows)
-        _causal_kernel(impl, layer, rows, kv_cache, attended, paths)
-        output.index_copy_(0, paths.rows, attended)
+        _causal_kernel(impl, layer, rows, kv_cache, attended, call)
+        output.index_copy_(0, call.rows, attended)
 
 
 class TreeCPUAttentionBackendImpl(CPUAttentionBackendImpl):
