@@ -5,6 +5,7 @@ tree attention against a brute-force reference over a cache written by vLLM's ow
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -206,11 +207,12 @@ def test_kv_layout_reads_back_what_the_kernel_wrote():
     )
 
 
-def _tree_attention_against_brute_force(dtype, requests, block_table) -> TreeStep:
+def _tree_attention_against_brute_force(dtype, requests, block_table) -> tuple[TreeStep, Any, int]:
     """Run a step's attention over a cache written by vLLM's own kernel and check every row
     against attention computed by hand, and that no block but the spare ones was written.
     `requests`: (tree mask, or None for a plain request of `n` causal tokens such as a
-    prefill chunk or a decode; context length; n). Returns the step."""
+    prefill chunk or a decode; context length; n). Returns the step, its metadata and the
+    cache's block count."""
     from types import SimpleNamespace
 
     torch.manual_seed(0)
@@ -262,8 +264,7 @@ def _tree_attention_against_brute_force(dtype, requests, block_table) -> TreeSte
             )
     owned = [b for b in range(num_blocks) if b not in spare_blocks(num_blocks)]
     assert torch.equal(kv_cache[owned], before[owned])
-    step.metadata = metadata
-    return step
+    return step, metadata, num_blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -272,20 +273,22 @@ def test_tree_attention_matches_brute_force(dtype):
     # Three tree requests with interleaved blocks, among a plain decode and a prefill chunk:
     # the first tree crosses a block boundary (its paths' nodes land in two blocks), the
     # second is a cut tree (root + 3 nodes), the third has two full context blocks before its
-    # tree. Their paths need more tails than there are spare blocks: a second kernel call.
+    # tree, the fourth's paths cross a block boundary too. Their paths need more tails than
+    # there are spare blocks: a second kernel call.
     requests = [
         (tree.attention_mask[:6, :6], 30, 6),
         (None, 40, 1),
         (tree.attention_mask[:4, :4], 7, 4),
         (tree.attention_mask, 70, 6),
         (None, 5, 9),
+        (tree.attention_mask, 62, 6),
     ]
     block_table = torch.tensor(
-        [[4, 1, 0], [7, 8, 0], [2, 0, 0], [5, 3, 6], [9, 0, 0]], dtype=torch.int32
+        [[4, 1, 0], [7, 8, 0], [2, 0, 0], [5, 3, 6], [9, 0, 0], [10, 11, 12]], dtype=torch.int32
     )
-    step = _tree_attention_against_brute_force(dtype, requests, block_table)
+    step, metadata, num_blocks = _tree_attention_against_brute_force(dtype, requests, block_table)
     layout = kv_layout("vec", 32, 64, dtype)
-    calls = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(17))
+    calls = step.cpu_calls(metadata, 32, 2, layout, spare_blocks(num_blocks))
     assert [call.rows is None for call in calls] == [True, False]
 
 
@@ -295,9 +298,11 @@ def test_tree_attention_with_one_extra_path(dtype):
     # goes to one spare block; the context (two full blocks) is read in place.
     mask = build_tree([[0], [0, 0], [0, 0, 0], [1]], ordered=True).attention_mask
     block_table = torch.tensor([[2, 3, 1]], dtype=torch.int32)
-    step = _tree_attention_against_brute_force(dtype, [(mask, 70, 5)], block_table)
+    step, metadata, num_blocks = _tree_attention_against_brute_force(
+        dtype, [(mask, 70, 5)], block_table
+    )
     layout = kv_layout("vec", 32, 64, dtype)
-    [call] = step.cpu_calls(step.metadata, 32, 2, layout, spare_blocks(11))
+    [call] = step.cpu_calls(metadata, 32, 2, layout, spare_blocks(num_blocks))
     assert call.tail_copies == [(NULL_BLOCK, 1)]
     # The chain of 3 as one sequence, then the root's second child over its own path.
     assert call.query_start_loc.tolist() == [0, 4, 5]
