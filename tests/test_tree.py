@@ -310,6 +310,21 @@ def test_tree_attention_with_one_extra_path(dtype):
     assert call.block_table.tolist() == [[2, 3, 1], [2, 3, NULL_BLOCK]]
 
 
+def test_tree_attention_refuses_requests_in_the_reserved_blocks():
+    from types import SimpleNamespace
+
+    mask = build_tree([[0], [1]]).attention_mask
+    step = TreeStep([TreeSequence(0, 0, 40, mask)], query_starts=[0, 3])
+    metadata = SimpleNamespace(
+        query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
+        seq_lens=torch.tensor([43], dtype=torch.int32),
+        block_table=torch.tensor([[1, 20]], dtype=torch.int32),  # 20: reserved in 21 blocks
+    )
+    layout = kv_layout("vec", 32, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="keeps for itself"):
+        step.cpu_calls(metadata, 32, 2, layout, spare_blocks(21))
+
+
 def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():
     from vllm_medusa.debug import AcceptanceTable
 

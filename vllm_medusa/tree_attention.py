@@ -253,6 +253,15 @@ def _kernel_calls(
 ) -> list[KernelCall]:
     """The step's kernel calls: the first over every row in place, then one per batch of the
     paths whose tails did not fit in the spare blocks (see `KernelCall`)."""
+    reserved = set(spares) - {NULL_BLOCK}
+    if any(block in reserved for table in block_table for block in table):
+        # Writing the tails there would overwrite a request's keys and values.
+        raise RuntimeError(
+            "a request holds KV blocks that Medusa tree verification keeps for itself (the "
+            f"last {RESERVED_BLOCKS} of the cache): this engine's scheduler is not vLLM's "
+            "Scheduler, which vllm-medusa patches to leave them out; verify a chain instead "
+            "(VLLM_MEDUSA_TREE=chain:K)"
+        )
     trees = {seq.req_index: seq for seq in sequences}
     first = _CallBuilder(spares)
     later: list[_CallBuilder] = []
