@@ -288,7 +288,7 @@ def test_tree_attention_matches_brute_force(dtype):
     )
     step, metadata, num_blocks = _tree_attention_against_brute_force(dtype, requests, block_table)
     layout = kv_layout("vec", 32, 64, dtype)
-    calls = step.cpu_calls(metadata, 32, 2, layout, spare_blocks(num_blocks))
+    calls = step.cpu_calls(metadata, 32, 2, layout, num_blocks)
     assert [call.rows is None for call in calls] == [True, False]
 
 
@@ -302,7 +302,7 @@ def test_tree_attention_with_one_extra_path(dtype):
         dtype, [(mask, 70, 5)], block_table
     )
     layout = kv_layout("vec", 32, 64, dtype)
-    [call] = step.cpu_calls(metadata, 32, 2, layout, spare_blocks(num_blocks))
+    [call] = step.cpu_calls(metadata, 32, 2, layout, num_blocks)
     assert call.tail_copies == [(NULL_BLOCK, 1)]
     # The chain of 3 as one sequence, then the root's second child over its own path.
     assert call.query_start_loc.tolist() == [0, 4, 5]
@@ -322,7 +322,7 @@ def test_tree_attention_refuses_requests_in_the_reserved_blocks():
     )
     layout = kv_layout("vec", 32, 64, torch.float32)
     with pytest.raises(RuntimeError, match="keeps for itself"):
-        step.cpu_calls(metadata, 32, 2, layout, spare_blocks(21))
+        step.cpu_calls(metadata, 32, 2, layout, 21)
 
 
 def test_acceptance_table_counts_tried_and_accepted_per_depth_and_rank():

@@ -107,9 +107,10 @@ class TreeStep:
         block_size: int,
         num_kv_heads: int,
         layout: KVLayout,
-        spares: list[int],
+        num_blocks: int,
     ) -> list[KernelCall]:
-        """Built by the first layer that asks, shared by the others of its group."""
+        """Built by the first layer that asks, shared by the others of its group (`num_blocks`:
+        the blocks of its cache, whose spare ones hold the paths' tails)."""
         key = id(attn_metadata)
         if key not in self._cpu_calls:
             num_reqs = attn_metadata.seq_lens.shape[0]
@@ -120,7 +121,7 @@ class TreeStep:
                 attn_metadata.block_table[:num_reqs].tolist(),
                 block_size,
                 _Elements(num_kv_heads, layout),
-                spares,
+                spare_blocks(num_blocks),
             )
             self._cpu_calls[key] = (attn_metadata, calls)
         return self._cpu_calls[key][1]
@@ -202,13 +203,13 @@ class _Elements:
 class _CallBuilder:
     """Sequences of one kernel call, and the layout of the paths' tails it reads."""
 
-    def __init__(self, spares: list[int]) -> None:
+    def __init__(self, spares: list[int], gathered: bool) -> None:
         self.spares = spares
         self.starts, self.lens, self.tables = [0], [], []
         self.tail_copies: list[tuple[int, int]] = []
         self.moves: list[tuple[int, int, int, int]] = []  # (block, offset, block, offset)
-        self.path_tables: dict[int, list[int]] = {}  # id(path) -> its blocks in this call
-        self.rows: list[int] = []  # the step's rows of its sequences, where gathered
+        # The step's rows of its sequences, gathered; None: every row of the step, in place.
+        self.rows: list[int] | None = [] if gathered else None
 
     def fits(self, path: _Path) -> bool:
         return len(self.tail_copies) + len(path.tail_src) <= len(self.spares)
@@ -218,15 +219,14 @@ class _CallBuilder:
         tails = self.spares[len(self.tail_copies) : len(self.tail_copies) + len(path.tail_src)]
         self.tail_copies += list(zip(tails, path.tail_src, strict=True))
         self.moves += [(block, offset, tails[t], target) for block, offset, t, target in path.moves]
-        self.path_tables[id(path)] = path.context_blocks + tails
-        return self.path_tables[id(path)]
+        return path.context_blocks + tails
 
     def sequence(self, num_rows: int, seq_len: int, table: list[int]) -> None:
         self.starts.append(self.starts[-1] + num_rows)
         self.lens.append(seq_len)
         self.tables.append(table)
 
-    def build(self, elements: _Elements, rows: list[int] | None) -> KernelCall:
+    def build(self, elements: _Elements) -> KernelCall:
         width = max(len(t) for t in self.tables)
         move = torch.tensor(self.moves, dtype=torch.long).view(-1, 4)
         return KernelCall(
@@ -238,7 +238,7 @@ class _CallBuilder:
             tail_copies=self.tail_copies,
             move_src=elements(move[:, 0], move[:, 1]),
             move_dst=elements(move[:, 2], move[:, 3]),
-            rows=None if rows is None else torch.tensor(rows, dtype=torch.long),
+            rows=None if self.rows is None else torch.tensor(self.rows, dtype=torch.long),
         )
 
 
@@ -263,7 +263,7 @@ def _kernel_calls(
             "(VLLM_MEDUSA_TREE=chain:K)"
         )
     trees = {seq.req_index: seq for seq in sequences}
-    first = _CallBuilder(spares)
+    first = _CallBuilder(spares, gathered=False)
     later: list[_CallBuilder] = []
     for req, seq_len in enumerate(seq_lens):
         table = block_table[req]
@@ -272,7 +272,8 @@ def _kernel_calls(
             first.sequence(query_start_loc[req + 1] - query_start_loc[req], seq_len, table)
             continue
         first.sequence(tree.num_right, tree.context_len + tree.num_right, table)
-        row_paths: dict[int, tuple[_Path, int]] = {}  # wrong row -> its path, its depth
+        # Wrong row -> its path, its depth, the path's blocks in the first call (None: later).
+        row_paths: dict[int, tuple[_Path, int, list[int] | None]] = {}
         for path in _request_paths(tree, table, block_size):
             if len(path.tail_src) > len(spares):
                 raise RuntimeError(
@@ -280,24 +281,23 @@ def _kernel_calls(
                     f"more than the {len(spares)} spare ones: use a larger block size or a "
                     "shallower tree"
                 )
+            path_table = None
             if first.fits(path):
-                first.lay_out(path)
+                path_table = first.lay_out(path)
             else:
                 if not later or not later[-1].fits(path):
-                    later.append(_CallBuilder(spares))
+                    later.append(_CallBuilder(spares, gathered=True))
                 later[-1].sequence(len(path.rows), path.seq_len, later[-1].lay_out(path))
                 later[-1].rows += path.rows
             for i, row in enumerate(path.rows):
-                row_paths[row] = (path, path.first_depth + i)
+                row_paths[row] = (path, path.first_depth + i, path_table)
         for row in range(tree.token_start + tree.num_right, tree.token_start + tree.num_tokens):
-            path, depth = row_paths[row]
-            path_table = first.path_tables.get(id(path))
+            path, depth, path_table = row_paths[row]
             if path_table is None:  # computed by a later call: one key here
                 first.sequence(1, 1, table)
             else:
                 first.sequence(1, path.context_len + depth + 1, path_table)
-    later_calls = [builder.build(elements, builder.rows) for builder in later]
-    return [first.build(elements, None), *later_calls]
+    return [builder.build(elements) for builder in (first, *later)]
 
 
 # On each attention metadata object of a step: that step's trees (None: no trees).
@@ -478,9 +478,7 @@ def attend_trees(
     (`KernelCall`): per call, the paths' tails laid out, then the kernel; a handful of tensor
     calls per layer whatever the trees' shapes."""
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-    calls = step.cpu_calls(
-        attn_metadata, block_size, num_kv_heads, layout, spare_blocks(num_blocks)
-    )
+    calls = step.cpu_calls(attn_metadata, block_size, num_kv_heads, layout, num_blocks)
     tokens = attn_metadata.num_actual_tokens
     flat = kv_cache.view(-1)
     for call in calls:
