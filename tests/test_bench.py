@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from vllm_medusa.benchmark import _worker_command, build_parser
 from vllm_medusa.benchmark import main as bench_main
 
@@ -26,7 +28,9 @@ def test_bench_reports_every_cell_against_no_speculation(smollm2_dir: Path, tmp_
     for batch in (1, 2):
         none, chain = cells[("none", batch)], cells[("plugin-chain", batch)]
         assert none["speedup"] == 1.0 and none["tok_s_median"] > 0
-        assert chain["speedup"] == round(chain["tok_s_median"] / none["tok_s_median"], 3)
+        # The speedup comes from the unrounded medians; tok/s is reported to 0.01.
+        ratio = chain["tok_s_median"] / none["tok_s_median"]
+        assert chain["speedup"] == pytest.approx(ratio, abs=0.005)
         # float32 greedy: the chain's outputs are no speculation's, token for token.
         assert chain["identical_to_none"] is True
         assert chain["mean_acceptance_length"] >= 1.0
