@@ -219,6 +219,8 @@ def _tree_attention_against_brute_force(dtype, requests, block_table) -> tuple[T
     block_size, head, num_heads, kv_heads = 32, 64, 4, 2
     num_blocks = int(block_table.max()) + 1 + RESERVED_BLOCKS  # requests' blocks, then spares
     kv_cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head, dtype=dtype)
+    # A token a row reads from a spare block that was not laid out for it reads garbage.
+    kv_cache[spare_blocks(num_blocks)] = 1e4
     num_tokens = sum(n for _, _, n in requests)
     query = torch.randn(num_tokens, num_heads, head, dtype=dtype)
     output = torch.full_like(query, float("nan"))
@@ -303,7 +305,8 @@ def test_tree_attention_with_one_extra_path(dtype):
     )
     layout = kv_layout("vec", 32, 64, dtype)
     [call] = step.cpu_calls(metadata, 32, 2, layout, num_blocks)
-    assert call.tail_copies == [(NULL_BLOCK, 1)]
+    # Only what the row reads is copied: the context's last 6 tokens, the root and the node.
+    assert call.tail_copies == [(NULL_BLOCK, 1, 8)]
     # The chain of 3 as one sequence, then the root's second child over its own path.
     assert call.query_start_loc.tolist() == [0, 4, 5]
     assert call.seq_lens.tolist() == [74, 72]

@@ -68,9 +68,10 @@ class KernelCall:
     query_start_loc: torch.Tensor  # [S + 1] int32
     seq_lens: torch.Tensor  # [S] int32
     block_table: torch.Tensor  # [S, max_blocks] int32
-    # (spare block, request block it starts as a copy of), as Python ints: one `copy_` each,
-    # several times faster here than `index_select` and `index_copy_` over blocks.
-    tail_copies: list[tuple[int, int]]
+    # (spare block, request block it starts as a copy of, tokens copied: those the rows read),
+    # as Python ints: a `copy_` or two each, several times faster here than `index_select`
+    # and `index_copy_` over blocks.
+    tail_copies: list[tuple[int, int, int]]
     move_src: torch.Tensor  # [E] long: elements of the cache (flat) that are moved ...
     move_dst: torch.Tensor  # [E] long: ... to these, in spare blocks (flat)
     rows: torch.Tensor | None  # [Q] long: the step's rows it computes; None: all, in place
@@ -138,6 +139,7 @@ class _Path:
     context_len: int
     context_blocks: list[int]
     tail_src: list[int]  # the request blocks its tails start as copies of
+    tail_tokens: list[int]  # how many of each tail's first tokens its rows read
     moves: list[tuple[int, int, int, int]]  # (cache block, offset, tail number, offset)
 
     @property
@@ -159,7 +161,8 @@ def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list
             continue
         for node in todo:
             done[node] = True
-        tails = -(-(context + len(path)) // block_size) - full
+        end = context + len(path)  # the positions the path's rows read: 0 .. end - 1
+        tails = -(-end // block_size) - full
         moves = []
         for depth, node in enumerate(path):
             if node == depth:  # already where the path needs it
@@ -180,6 +183,7 @@ def _request_paths(seq: TreeSequence, table: list[int], block_size: int) -> list
                 context_len=context,
                 context_blocks=table[:full],
                 tail_src=[table[min(full + t, used - 1)] for t in range(tails)],
+                tail_tokens=[min(block_size, end - (full + t) * block_size) for t in range(tails)],
                 moves=moves,
             )
         )
@@ -206,7 +210,7 @@ class _CallBuilder:
     def __init__(self, spares: list[int], gathered: bool) -> None:
         self.spares = spares
         self.starts, self.lens, self.tables = [0], [], []
-        self.tail_copies: list[tuple[int, int]] = []
+        self.tail_copies: list[tuple[int, int, int]] = []
         self.moves: list[tuple[int, int, int, int]] = []  # (block, offset, block, offset)
         # The step's rows of its sequences, gathered; None: every row of the step, in place.
         self.rows: list[int] | None = [] if gathered else None
@@ -217,7 +221,7 @@ class _CallBuilder:
     def lay_out(self, path: _Path) -> list[int]:
         """Give `path` tails in spare blocks: the blocks its rows read."""
         tails = self.spares[len(self.tail_copies) : len(self.tail_copies) + len(path.tail_src)]
-        self.tail_copies += list(zip(tails, path.tail_src, strict=True))
+        self.tail_copies += list(zip(tails, path.tail_src, path.tail_tokens, strict=True))
         self.moves += [(block, offset, tails[t], target) for block, offset, t, target in path.moves]
         return path.context_blocks + tails
 
@@ -335,6 +339,12 @@ class KVLayout:
         """[M] in-block offsets -> [M, 2 * head]: a token's keys, then its values."""
         return torch.cat([self.key_index[offsets], self.value_index[offsets]], dim=1)
 
+    @functools.cached_property
+    def starts(self) -> tuple[int, int]:
+        """Where the keys' and the values' halves start in a stretch (read per layer and tail
+        copy: Python ints, not tensor reads)."""
+        return int(self.key_index[0, 0]), int(self.value_index[0, 0])
+
     def read(self, stretches: torch.Tensor, keys: bool) -> torch.Tensor:
         """[..., 2 * block_size * head] -> [..., block_size, head], as a view where the
         kernel stores the half row-major or transposed, else by gathering."""
@@ -342,7 +352,7 @@ class KVLayout:
             (self.key_index, self.key_form) if keys else (self.value_index, self.value_form)
         )
         block_size, head = index.shape
-        start = int(index[0, 0])
+        start = self.starts[0 if keys else 1]
         half = stretches[..., start : start + block_size * head]
         if form == "rows":
             return half.unflatten(-1, (block_size, head))
@@ -464,6 +474,34 @@ def _causal_kernel(
     )
 
 
+def _copy_tokens(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head]
+    layout: KVLayout,
+    target: int,
+    source: int,
+    num_tokens: int,
+) -> None:
+    """Copy the keys and values of block `source`'s first `num_tokens` tokens to block
+    `target`: a path's tail needs the context's last tokens and its nodes, which seldom fill a
+    block, and the copies are most of what a tree costs the attention over the kernel."""
+    _, num_kv_heads, block_size, two_head = kv_cache.shape
+    if num_tokens == block_size or "scattered" in (layout.key_form, layout.value_form):
+        kv_cache[target].copy_(kv_cache[source])
+        return
+    head = two_head // 2
+    per_block = num_kv_heads * block_size * two_head
+    # One strided view per half and block, without the chain of tensor calls slicing takes.
+    for form, half_start in zip((layout.key_form, layout.value_form), layout.starts, strict=True):
+        if form == "rows":  # token-major: the first tokens are one run per KV head
+            size, stride = (num_kv_heads, num_tokens * head), (block_size * two_head, 1)
+        else:  # channel-major: a run per channel
+            size, stride = (num_kv_heads, head, num_tokens), (block_size * two_head, block_size, 1)
+        offset = kv_cache.storage_offset() + half_start
+        kv_cache.as_strided(size, stride, offset + target * per_block).copy_(
+            kv_cache.as_strided(size, stride, offset + source * per_block)
+        )
+
+
 def attend_trees(
     step: TreeStep,
     impl: CPUAttentionBackendImpl,
@@ -482,8 +520,8 @@ def attend_trees(
     tokens = attn_metadata.num_actual_tokens
     flat = kv_cache.view(-1)
     for call in calls:
-        for spare, block in call.tail_copies:
-            kv_cache[spare].copy_(kv_cache[block])
+        for spare, block, num_tokens in call.tail_copies:
+            _copy_tokens(kv_cache, layout, spare, block, num_tokens)
         flat.index_copy_(0, call.move_dst, flat.index_select(0, call.move_src))
         if call.rows is None:
             _causal_kernel(impl, layer, query[:tokens], kv_cache, output[:tokens], call)
