@@ -313,6 +313,23 @@ def test_tree_attention_with_one_extra_path(dtype):
     assert call.block_table.tolist() == [[2, 3, 1], [2, 3, NULL_BLOCK]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_reads_a_paths_rows_as_one_sequence(dtype):
+    # Numbered depth-first (as per-request trees are): the first branch, a chain of 2, then
+    # the root's second child with a chain of 2 below it: those three rows are one sequence,
+    # so the kernel reads the context once for them, over one tail.
+    mask = build_tree([[0], [0, 0], [1], [1, 0], [1, 0, 0]], ordered=True).attention_mask
+    block_table = torch.tensor([[2, 3, 1]], dtype=torch.int32)
+    step, metadata, num_blocks = _tree_attention_against_brute_force(
+        dtype, [(mask, 70, 6)], block_table
+    )
+    [call] = step.cpu_calls(metadata, 32, 2, kv_layout("vec", 32, 64, dtype), num_blocks)
+    assert call.query_start_loc.tolist() == [0, 3, 6]
+    assert call.seq_lens.tolist() == [73, 74]
+    # The context's last 6 tokens, the root and the path's three nodes.
+    assert call.tail_copies == [(NULL_BLOCK, 1, 10)]
+
+
 def test_tree_attention_refuses_requests_in_the_reserved_blocks():
     from types import SimpleNamespace
 

@@ -4,11 +4,11 @@ vLLM's CPU attention kernel knows only causal masks, but takes any number of seq
 with its own length and block table. In a step that verifies trees, the step's attention is
 one call of that kernel (`KernelCall`) in which a tree request is split: its rows the causal
 mask gets right (the root and the tree's first branch as far as it is a chain) stay one
-sequence over the request's blocks, and each other row becomes a sequence of its own, over its
-context read in place and then its path (root to the row) laid out in spare blocks of the cache
-that no request owns, so the row sees the request's context, its ancestors and itself. The
-tree tokens' keys and values are already in the cache at their slots (context + node index)
-when this runs.
+sequence over the request's blocks, and each other row becomes a sequence of its own (with the
+rows after it on its path, where the tree is numbered depth-first), over its context read in
+place and then its path (root to the row) laid out in spare blocks of the cache that no request
+owns, so the row sees the request's context, its ancestors and itself. The tree tokens' keys
+and values are already in the cache at their slots (context + node index) when this runs.
 
 How a block stores its keys and values is the kernel's business and differs between its
 instruction sets (keys are stored transposed for some), so the layout is not assumed: it is
@@ -57,10 +57,12 @@ class KernelCall:
     The step's first call computes every row of the step in place, in vLLM's own tensors:
     requests without a tree as one sequence each, as vLLM would; a tree request as the rows
     the causal mask gets right (the root and the first branch as far as it is a chain), then
-    each other row as a one-row sequence of its own over its path's layout: context blocks
-    read where they are, then tails that start as copies of the request's blocks from the
-    context's end with the path's nodes moved into place, so the row sees context, ancestors
-    and itself with a plain causal mask. The rows of one root-to-leaf path share its tails.
+    each other row as a sequence of its own over its path's layout (with the rows that follow
+    it on the same path: one read of the context for them all, where the tree is numbered
+    depth-first, as per-request trees are): context blocks read where they are, then tails
+    that start as copies of the request's blocks from the context's end with the path's nodes
+    moved into place, so the row sees context, ancestors and itself with a plain causal mask.
+    The rows of one root-to-leaf path share its tails.
     Where the step's paths need more tails than there are spare blocks, the rows of the paths
     left over get one key in the first call and are computed again by later calls, gathered
     (`rows`), one path per sequence."""
@@ -230,6 +232,11 @@ class _CallBuilder:
         self.lens.append(seq_len)
         self.tables.append(table)
 
+    def extend(self) -> None:
+        """One more row in the last sequence, seeing one more key."""
+        self.starts[-1] += 1
+        self.lens[-1] += 1
+
     def build(self, elements: _Elements) -> KernelCall:
         width = max(len(t) for t in self.tables)
         move = torch.tensor(self.moves, dtype=torch.long).view(-1, 4)
@@ -295,12 +302,18 @@ def _kernel_calls(
                 later[-1].rows += path.rows
             for i, row in enumerate(path.rows):
                 row_paths[row] = (path, path.first_depth + i, path_table)
+        previous: tuple[_Path, int] | None = None  # the row before: its path and depth
         for row in range(tree.token_start + tree.num_right, tree.token_start + tree.num_tokens):
             path, depth, path_table = row_paths[row]
             if path_table is None:  # computed by a later call: one key here
                 first.sequence(1, 1, table)
+            elif previous is not None and previous[0] is path and previous[1] == depth - 1:
+                # The path's next row (trees numbered depth-first): the same sequence, so the
+                # kernel reads the context once for both.
+                first.extend()
             else:
                 first.sequence(1, path.context_len + depth + 1, path_table)
+            previous = (path, depth)
     return [builder.build(elements) for builder in (first, *later)]
 
 
