@@ -32,6 +32,8 @@ from vllm_medusa.metrics import SpecDecodeStats, spec_decode_stats
 from vllm_medusa.tree import tree_setting
 
 TREE = "[[0],[1],[2],[3],[0,0],[0,1],[1,0],[0,0,0],[0,0,1],[0,0,0,0]]"
+# Its nodes in the order a step numbers them: depth-first, the deepest branch first.
+TREE_DEPTH_FIRST = [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 1], [0, 1], [1], [1, 0], [2], [3]]
 MAX_MODEL_LEN = 1024
 ENGINE = engine_kwargs(
     max_model_len=MAX_MODEL_LEN,
@@ -441,10 +443,14 @@ def test_debug_output_accounts_for_every_verified_step(tree_run, debug_file):
         (sum(len(r["drafted"]) for r in records), stats.num_draft_tokens),
     ):
         assert counted <= recorded <= 1.01 * counted, (recorded, counted)
-    paths = json.loads(TREE)
     with_probs = 0
     for r in records:
-        assert [d["path"] for d in r["drafted"]] == paths[: len(r["drafted"])]
+        drafted = r["drafted"]
+        # The tree's nodes numbered depth-first, as steps draft and verify them.
+        assert [d["path"] for d in drafted] == TREE_DEPTH_FIRST[: len(drafted)]
+        for j, d in enumerate(drafted, start=1):
+            parent = d["parent"]
+            assert (drafted[parent - 1]["path"] if parent else []) == d["path"][:-1], j
         for node, token in zip(r["accepted_nodes"], r["accepted_tokens"], strict=True):
             assert r["drafted"][node - 1]["token"] == token
         probs = [d["prob"] for d in r["drafted"] if d["prob"] is not None]
@@ -540,6 +546,9 @@ def test_requests_verify_trees_of_their_own_in_one_step(per_request_run, per_req
     accepted_copies = 0
     for r in records:
         drafted = r["drafted"]
+        # Every node was proposed, by a head or the copy branch, near max_model_len as well
+        # (vLLM would verify placeholder drafts there, which no tree of the request's holds).
+        assert all(d["path"] is not None or d["copy"] for d in drafted), r
         tokens = {(d["parent"], d["token"]) for d in drafted}
         assert len(tokens) == len(drafted)  # siblings are distinct tokens
         accepted_copies += any(drafted[n - 1]["copy"] for n in r["accepted_nodes"])

@@ -63,6 +63,22 @@ def test_small_tree_buffers_by_hand():
     assert not tree.is_chain
 
 
+def test_step_tree_keeps_the_trees_nodes_and_numbers_them_depth_first():
+    """A step drafts the tree's first n nodes (breadth-first here), numbered depth-first."""
+    tree = build_tree(SMALL)
+    step, order = tree.step_tree(5)
+    assert [tree.paths[i] for i in order] == [(0,), (0, 0), (0, 1), (1,), (1, 0)]
+    assert list(step.parents) == [-1, 0, 1, 1, 0, 4]
+    assert step.ranks == ((0,), (0, 0), (0, 1), (1,), (1, 0))
+    # Three nodes: (0), (1), (0, 0), the deeper branch first.
+    step, order = tree.step_tree(3)
+    assert [tree.paths[i] for i in order] == [(0,), (0, 0), (1,)]
+    assert list(step.parents) == [-1, 0, 1, 0]
+    # The proposer picks each step node's head and rank through `order`.
+    assert tree.heads[order].tolist() == [0, 1, 0] and tree.ranks[order].tolist() == [0, 0, 1]
+    assert tree.step_tree(2)[0].is_chain is False and tree.step_tree(1)[0].is_chain
+
+
 def test_chain_is_a_degenerate_tree():
     tree = parse_tree("chain:3")
     assert tree.is_chain

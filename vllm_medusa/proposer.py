@@ -99,8 +99,9 @@ class MedusaProposer(VllmMedusaProposer):
 
         `num_speculative_tokens` is what vLLM's scheduler asks for this step: the configured
         number, or less under `num_speculative_tokens_per_batch_size` (0: no drafts). A
-        shorter chain is its first heads; a smaller tree is its first nodes in breadth-first
-        order, a tree itself since every node comes after its parent.
+        shorter chain is its first heads; a smaller tree is its first nodes in the tree's
+        order, a tree itself since every node comes after its parent, drafted in the order
+        the step verifies them (`MedusaTree.step_tree`).
         """
         num_reqs = target_hidden_states.shape[0]
         if num_speculative_tokens == 0:
@@ -114,8 +115,8 @@ class MedusaProposer(VllmMedusaProposer):
             picks = logits[:num_speculative_tokens].argmax(dim=-1).transpose(0, 1)
         else:
             candidates = logits.topk(self.tree.top_k, dim=-1).indices  # [heads, num_reqs, top_k]
-            heads = self.tree.heads[:num_speculative_tokens]
-            ranks = self.tree.ranks[:num_speculative_tokens]
+            order = self.tree.step_tree(num_speculative_tokens)[1]  # [drafts]
+            heads, ranks = self.tree.heads[order], self.tree.ranks[order]
             # [drafts, num_reqs] -> [num_reqs, drafts]
             picks = candidates[heads, :, ranks].transpose(0, 1)
         if self.debug:

@@ -6,7 +6,8 @@ nodes are put in breadth-first order (by depth, then by path), so every node com
 parent and any prefix of the order is a tree too: the scheduler may cut a request's drafts
 short near `max_model_len` and what is left is still verifiable. A calibrated tree keeps its
 own order instead (most probable paths first, each after its parent), so that each prefix
-is the best tree of its size.
+is the best tree of its size. A step drafts a prefix and numbers its nodes depth-first
+(`MedusaTree.step_tree`), which is cheaper to verify.
 
 Node 0 is the root: the last token the target sampled, already known. Draft node j (1-based)
 is fed at position `context + depth(j)` and may see the context, its ancestors and itself.
@@ -63,6 +64,9 @@ class MedusaTree:
     name: str
     paths: tuple[tuple[int, ...], ...]  # the draft nodes 1..N (breadth-first unless calibrated)
     _index: dict[tuple[int, ...], int] = field(init=False, repr=False, compare=False)
+    _step_trees: dict[int, tuple[DraftTree, torch.Tensor]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {p: j + 1 for j, p in enumerate(self.paths)})
@@ -155,6 +159,17 @@ class MedusaTree:
     def draft_tree(self) -> DraftTree:
         """The tree as every request drafts it when requests have no trees of their own."""
         return static_draft_tree(self.paths, self.parents)
+
+    def step_tree(self, num_nodes: int) -> tuple[DraftTree, torch.Tensor]:
+        """The first `num_nodes` nodes as a step drafts and verifies them: numbered
+        depth-first (`DraftTree.depth_first`: fewer rows for the tree attention to redo), and
+        [n] long, each step node's index into `paths`. Which nodes take part stays this
+        tree's order; only their numbering in the step changes."""
+        if num_nodes not in self._step_trees:
+            tree, old_nodes = self.draft_tree.prefix(num_nodes).depth_first()
+            order = torch.tensor(old_nodes, dtype=torch.long) - 1
+            self._step_trees[num_nodes] = (tree, order)
+        return self._step_trees[num_nodes]
 
     def describe(self) -> str:
         kind = "chain" if self.is_chain else "tree"

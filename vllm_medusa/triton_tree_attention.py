@@ -3,16 +3,16 @@ interpreter).
 
 vLLM's Triton kernel (`unified_attention`) takes `qq_bias`, an additive [rows, cols] bias
 between a request's query tokens: query row i, key at context + j gets `bias[i, j]` added to
-its score, on top of the causal mask. A tree in breadth-first order puts every ancestor before
+its score, on top of the causal mask. A step's tree puts every ancestor before
 its node, so causal + (0 where node i may see node j, -inf elsewhere) is the tree mask. The
 kernel indexes bias rows by the query's position in its request with no bound, so only tree
 decodes share the biased call; the step's other requests (prefill chunks, plain decodes)
 run vLLM's causal call, each group on its own rows, gathered where the group does not cover
 the whole batch.
 
-A static tree's breadth-first prefixes are top-left blocks of its mask, so one bias serves
-every request verifying a prefix of it; requests whose masks are not blocks of one another go
-in one call per mask.
+A step tree's prefixes (cut near `max_model_len`) are top-left blocks of its mask, so one
+bias serves every request verifying a prefix of it; requests whose masks are not blocks of
+one another go in one call per mask.
 
 The bias lives in a zero-filled buffer: [pad zeros][row 0][row 1]..., each row `width` wide,
 the mask in its first columns, `pad` and `width - n` at least the longest context. Compiled
@@ -217,7 +217,7 @@ class TreeTritonAttentionBackendImpl(TritonAttentionImpl):
         )
 
     def _check_tree_support(self, metadata, output_scale, output_block_scale) -> None:
-        """Tree nodes sit at breadth-first indices, not at their depths: anything that reads a
+        """Tree nodes sit at their step indices, not at their depths: anything that reads a
         query's index as its position (windows, ALiBi, chunks) would be wrong for them."""
         unsupported = [
             name

@@ -56,7 +56,7 @@ class TreeWalk:
     """The result of one verification step, per request."""
 
     tokens: list[list[int]]  # emitted tokens: the accepted drafts' tokens, then the drawn one
-    nodes: list[list[int]]  # accepted draft nodes (1-based, breadth-first indices)
+    nodes: list[list[int]]  # accepted draft nodes (1-based, the step tree's numbering)
     level_logprobs: list[Any]  # per level: the sampler's logprobs of that level's draws
 
     def sampled_token_ids(self, width: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ calls straight through to vLLM's.
 - `_prepare_inputs`: a tree's drafts are scheduled as a flat list, so vLLM gives node j the
   position context + j. That stays the KV slot; the model's position (RoPE) becomes
   context + depth(j). Each request's tree is the one its drafts were proposed with (its own
-  under per-request drafting, else a prefix of the static tree).
+  under per-request drafting, else the static tree's first nodes), numbered depth-first.
 - `_build_attention_metadata`: the step's tree requests ride on the attention metadata vLLM
   builds once per step for every layer (`tree_attention.attach_tree_step`).
 - `_sample`: each request walks its tree, drawing the target's token level by level with
@@ -22,6 +22,13 @@ calls straight through to vLLM's.
   rejection kernels.
 - `propose_draft_token_ids`: the heads read the hidden state of each request's last accepted
   node, not the chain's last position.
+
+Drafts near `max_model_len`: vLLM skips the drafter for the whole batch once its longest
+sequence is within `num_speculative_tokens` of the drafter's `max_model_len`, and hands every
+request that many placeholder drafts (token 0) to verify instead. Medusa heads read the
+target's hidden states and keep no KV cache of their own, so they have no such limit; the
+scheduler already cuts each request's drafts to the room it has left. `_input_fits_in_drafter`
+says so for the Medusa drafter: every request keeps drafting real candidates.
 
 Seeded requests on the CPU (with or without speculation): vLLM samples every request of a
 step and throws away the token of a prefill chunk that does not end its prompt, then rewinds
@@ -89,8 +96,7 @@ def _step_trees(runner: Any, num_draft_tokens: list[int]) -> list[DraftTree]:
 
 
 def _scheduled_trees(runner: Any, num_draft_tokens: list[int]) -> list[DraftTree]:
-    drafter = runner.drafter
-    if not drafter.drafting.per_request:
+    if _tree(runner) is None:  # a chain, verified as a one-path tree
         return request_trees(_verified_tree(runner), num_draft_tokens)
     own = _request_trees(runner)
     trees = []
@@ -107,6 +113,15 @@ def _request_trees(runner: Any) -> dict[str, DraftTree]:
     if not hasattr(runner, "_medusa_request_trees"):
         runner._medusa_request_trees = {}
     return runner._medusa_request_trees
+
+
+def _remember_trees(runner: Any, trees: list[DraftTree]) -> None:
+    """Keep the tree each request of the batch was just drafted with, for the step that
+    verifies it (a request left out of that step keeps its drafts and their tree)."""
+    own = _request_trees(runner)
+    for req_id in [r for r in own if r not in runner.requests]:
+        del own[req_id]  # finished
+    own.update(zip(runner.input_batch.req_ids[: len(trees)], trees, strict=True))
 
 
 def _publish_tree_step(runner: Any, trees: list[DraftTree]) -> None:
@@ -325,13 +340,18 @@ def _last_accepted_states(runner: Any, arguments: dict[str, Any]) -> torch.Tenso
 
 def _propose_tree(runner: Any, arguments: dict[str, Any]) -> torch.Tensor:
     """vLLM's Medusa branch of `propose_draft_token_ids`, reading each request's hidden
-    state at its last accepted node."""
-    return runner.drafter.propose(
-        num_speculative_tokens=arguments["scheduler_output"].num_spec_tokens_to_schedule,
+    state at its last accepted node; every request's drafts are the static tree's first
+    nodes, numbered depth-first (`MedusaTree.step_tree`)."""
+    budget = arguments["scheduler_output"].num_spec_tokens_to_schedule
+    drafts = runner.drafter.propose(
+        num_speculative_tokens=budget,
         target_hidden_states=_last_accepted_states(runner, arguments),
         sampling_metadata=arguments["sampling_metadata"],
         slot_mappings=arguments["slot_mappings"],
     )
+    tree = _tree(runner).step_tree(budget)[0]
+    _remember_trees(runner, [tree] * drafts.shape[0])
+    return drafts
 
 
 def _propose_request_trees(runner: Any, arguments: dict[str, Any]) -> list[list[int]]:
@@ -352,10 +372,7 @@ def _propose_request_trees(runner: Any, arguments: dict[str, Any]) -> list[list[
             runner.max_model_len,
         )
     trees, drafts = drafter.propose_trees(budget, _last_accepted_states(runner, arguments), copies)
-    own = _request_trees(runner)
-    for req_id in [r for r in own if r not in runner.requests]:
-        del own[req_id]  # finished
-    own.update(zip(batch.req_ids[:num_reqs], trees, strict=True))
+    _remember_trees(runner, trees)
     return drafts
 
 
@@ -368,6 +385,7 @@ def _patch_runner(runner_cls: type) -> None:
     propose = runner_cls.propose_draft_token_ids
     build_attention_metadata = runner_cls._build_attention_metadata
     propose_signature = inspect.signature(propose)
+    input_fits_in_drafter = runner_cls._input_fits_in_drafter
 
     @functools.wraps(prepare_inputs)
     def _prepare_inputs_with_tree(self, scheduler_output, num_scheduled_tokens):
@@ -424,7 +442,16 @@ def _patch_runner(runner_cls: type) -> None:
         attach_tree_step(result[0], step)
         return result
 
+    @functools.wraps(input_fits_in_drafter)
+    def input_fits_in_medusa(self, common_attn_metadata):
+        from vllm_medusa.proposer import MedusaProposer
+
+        if isinstance(getattr(self, "drafter", None), MedusaProposer):
+            return common_attn_metadata is not None
+        return input_fits_in_drafter(self, common_attn_metadata)
+
     runner_cls._prepare_inputs = _prepare_inputs_with_tree
+    runner_cls._input_fits_in_drafter = input_fits_in_medusa
     runner_cls._sample = _sample_with_tree
     runner_cls._bookkeeping_sync = _bookkeeping_sync_on_cpu
     runner_cls.propose_draft_token_ids = propose_with_tree

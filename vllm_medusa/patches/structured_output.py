@@ -2,8 +2,8 @@
 scheduler's process.
 
 vLLM checks a request's drafts against its grammar and computes grammar masks for them as a
-chain: draft j follows draft j-1. A tree's drafts are nodes in breadth-first order, where
-node j's parent is rarely node j-1, so those masks would constrain the wrong rows. While the
+chain: draft j follows draft j-1. A tree's drafts are its nodes, each after its parent, where
+node j's parent is often not node j-1, so those masks would constrain the wrong rows. While the
 engine verifies trees, requests with structured outputs therefore get no drafts: each of
 their steps samples one token under its grammar, exactly as without speculation, and the
 other requests of the batch keep their trees. Chains are vLLM's own case and stay unchanged.
