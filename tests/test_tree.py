@@ -22,7 +22,6 @@ from vllm_medusa.tree import (
     tree_setting,
 )
 from vllm_medusa.tree_attention import (
-    NULL_BLOCK,
     RESERVED_BLOCKS,
     KVLayout,
     TreeSequence,
@@ -321,12 +320,14 @@ def test_tree_attention_with_one_extra_path(dtype):
     )
     layout = kv_layout("vec", 32, 64, dtype)
     [call] = step.cpu_calls(metadata, 32, 2, layout, num_blocks)
-    # Only what the row reads is copied: the context's last 6 tokens, the root and the node.
-    assert call.tail_copies == [(NULL_BLOCK, 1, 8)]
+    # Only what the row reads is copied: the context's last 6 tokens, the root and the node,
+    # to the first spare block.
+    spare = num_blocks - RESERVED_BLOCKS
+    assert call.tail_copies == [(spare, 1, 1, 8)]
     # The chain of 3 as one sequence, then the root's second child over its own path.
     assert call.query_start_loc.tolist() == [0, 4, 5]
     assert call.seq_lens.tolist() == [74, 72]
-    assert call.block_table.tolist() == [[2, 3, 1], [2, 3, NULL_BLOCK]]
+    assert call.block_table.tolist() == [[2, 3, 1], [2, 3, spare]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -343,7 +344,26 @@ def test_tree_attention_reads_a_paths_rows_as_one_sequence(dtype):
     assert call.query_start_loc.tolist() == [0, 3, 6]
     assert call.seq_lens.tolist() == [73, 74]
     # The context's last 6 tokens, the root and the path's three nodes.
-    assert call.tail_copies == [(NULL_BLOCK, 1, 10)]
+    assert call.tail_copies == [(num_blocks - RESERVED_BLOCKS, 1, 1, 10)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_fills_a_requests_tails_with_one_copy(dtype):
+    # The 5-node tree as a step numbers it: (0), (0, 0), then the paths (1) -> (1, 0) and (2),
+    # whose tails both start from the context's last block: one copy fills both, as many
+    # tokens as the longer path reads (the shorter path's rows never read past their own).
+    tree = build_tree([[0], [1], [2], [0, 0], [1, 0]])
+    mask = tree.step_tree(5)[0].attention_mask
+    block_table = torch.tensor([[2, 3, 1]], dtype=torch.int32)
+    step, metadata, num_blocks = _tree_attention_against_brute_force(
+        dtype, [(mask, 70, 6)], block_table
+    )
+    [call] = step.cpu_calls(metadata, 32, 2, kv_layout("vec", 32, 64, dtype), num_blocks)
+    spare = num_blocks - RESERVED_BLOCKS
+    # The context's last 6 tokens, the root and (1)'s path: 9 tokens, to two spare blocks.
+    assert call.tail_copies == [(spare, 2, 1, 9)]
+    assert call.block_table.tolist() == [[2, 3, 1], [2, 3, spare], [2, 3, spare + 1]]
+    assert call.seq_lens.tolist() == [73, 73, 72]
 
 
 def test_tree_attention_refuses_requests_in_the_reserved_blocks():

@@ -70,10 +70,12 @@ class KernelCall:
     query_start_loc: torch.Tensor  # [S + 1] int32
     seq_lens: torch.Tensor  # [S] int32
     block_table: torch.Tensor  # [S, max_blocks] int32
-    # (spare block, request block it starts as a copy of, tokens copied: those the rows read),
-    # as Python ints: a `copy_` or two each, several times faster here than `index_select`
-    # and `index_copy_` over blocks.
-    tail_copies: list[tuple[int, int, int]]
+    # (first spare block, how many in a row, request block they start as copies of, tokens
+    # copied: the most any of their rows read), as Python ints: a `copy_` per half each,
+    # several times faster here than `index_select` and `index_copy_` over blocks. A
+    # request's paths mostly start their tails from the same block (the context's last):
+    # one copy fills them all.
+    tail_copies: list[tuple[int, int, int, int]]
     move_src: torch.Tensor  # [E] long: elements of the cache (flat) that are moved ...
     move_dst: torch.Tensor  # [E] long: ... to these, in spare blocks (flat)
     rows: torch.Tensor | None  # [Q] long: the step's rows it computes; None: all, in place
@@ -90,8 +92,9 @@ RESERVED_BLOCKS = 15
 
 def spare_blocks(num_blocks: int) -> list[int]:
     """Blocks of a CPU KV cache of `num_blocks` that a layer may write while it runs: the
-    null block and the reserved ones."""
-    return [NULL_BLOCK, *range(num_blocks - RESERVED_BLOCKS, num_blocks)]
+    reserved ones, consecutive, so that tails copied from one block take one copy, then the
+    null block."""
+    return [*range(num_blocks - RESERVED_BLOCKS, num_blocks), NULL_BLOCK]
 
 
 class TreeStep:
@@ -237,6 +240,19 @@ class _CallBuilder:
         self.starts[-1] += 1
         self.lens[-1] += 1
 
+    def copy_runs(self) -> list[tuple[int, int, int, int]]:
+        """The tails as runs of consecutive spare blocks that start from the same request
+        block (`KernelCall.tail_copies`). Copying a tail more tokens than its rows read is
+        harmless: its path's nodes are moved in afterwards, and no row reads past them."""
+        runs: list[tuple[int, int, int, int]] = []
+        for spare, source, num_tokens in self.tail_copies:
+            if runs and runs[-1][2] == source and sum(runs[-1][:2]) == spare:
+                first, count, _, most = runs[-1]
+                runs[-1] = (first, count + 1, source, max(most, num_tokens))
+            else:
+                runs.append((spare, 1, source, num_tokens))
+        return runs
+
     def build(self, elements: _Elements) -> KernelCall:
         width = max(len(t) for t in self.tables)
         move = torch.tensor(self.moves, dtype=torch.long).view(-1, 4)
@@ -246,7 +262,7 @@ class _CallBuilder:
             block_table=torch.tensor(
                 [t + [0] * (width - len(t)) for t in self.tables], dtype=torch.int32
             ),
-            tail_copies=self.tail_copies,
+            tail_copies=self.copy_runs(),
             move_src=elements(move[:, 0], move[:, 1]),
             move_dst=elements(move[:, 2], move[:, 3]),
             rows=None if self.rows is None else torch.tensor(self.rows, dtype=torch.long),
@@ -491,27 +507,31 @@ def _copy_tokens(
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head]
     layout: KVLayout,
     target: int,
+    count: int,
     source: int,
     num_tokens: int,
 ) -> None:
-    """Copy the keys and values of block `source`'s first `num_tokens` tokens to block
-    `target`: a path's tail needs the context's last tokens and its nodes, which seldom fill a
-    block, and the copies are most of what a tree costs the attention over the kernel."""
+    """Copy the keys and values of block `source`'s first `num_tokens` tokens to each of the
+    `count` blocks from `target` on: a path's tail needs the context's last tokens and its
+    nodes, which seldom fill a block, and the copies are most of what a tree costs the
+    attention over the kernel."""
     _, num_kv_heads, block_size, two_head = kv_cache.shape
     if num_tokens == block_size or "scattered" in (layout.key_form, layout.value_form):
-        kv_cache[target].copy_(kv_cache[source])
+        kv_cache[target : target + count].copy_(kv_cache[source].expand(count, -1, -1, -1))
         return
     head = two_head // 2
     per_block = num_kv_heads * block_size * two_head
-    # One strided view per half and block, without the chain of tensor calls slicing takes.
+    # One strided view per half, the source's repeated (stride 0) over the targets, without
+    # the chain of tensor calls slicing takes.
     for form, half_start in zip((layout.key_form, layout.value_form), layout.starts, strict=True):
         if form == "rows":  # token-major: the first tokens are one run per KV head
-            size, stride = (num_kv_heads, num_tokens * head), (block_size * two_head, 1)
+            size, stride = (count, num_kv_heads, num_tokens * head), (block_size * two_head, 1)
         else:  # channel-major: a run per channel
-            size, stride = (num_kv_heads, head, num_tokens), (block_size * two_head, block_size, 1)
+            size = (count, num_kv_heads, head, num_tokens)
+            stride = (block_size * two_head, block_size, 1)
         offset = kv_cache.storage_offset() + half_start
-        kv_cache.as_strided(size, stride, offset + target * per_block).copy_(
-            kv_cache.as_strided(size, stride, offset + source * per_block)
+        kv_cache.as_strided(size, (per_block, *stride), offset + target * per_block).copy_(
+            kv_cache.as_strided(size, (0, *stride), offset + source * per_block)
         )
 
 
@@ -533,8 +553,8 @@ def attend_trees(
     tokens = attn_metadata.num_actual_tokens
     flat = kv_cache.view(-1)
     for call in calls:
-        for spare, block, num_tokens in call.tail_copies:
-            _copy_tokens(kv_cache, layout, spare, block, num_tokens)
+        for spare, count, block, num_tokens in call.tail_copies:
+            _copy_tokens(kv_cache, layout, spare, count, block, num_tokens)
         flat.index_copy_(0, call.move_dst, flat.index_select(0, call.move_src))
         if call.rows is None:
             _causal_kernel(impl, layer, query[:tokens], kv_cache, output[:tokens], call)
