@@ -246,11 +246,12 @@ class _CallBuilder:
         harmless: its path's nodes are moved in afterwards, and no row reads past them."""
         runs: list[tuple[int, int, int, int]] = []
         for spare, source, num_tokens in self.tail_copies:
-            if runs and runs[-1][2] == source and sum(runs[-1][:2]) == spare:
-                first, count, _, most = runs[-1]
-                runs[-1] = (first, count + 1, source, max(most, num_tokens))
-            else:
-                runs.append((spare, 1, source, num_tokens))
+            if runs:
+                first, count, run_source, most = runs[-1]
+                if run_source == source and first + count == spare:
+                    runs[-1] = (first, count + 1, source, max(most, num_tokens))
+                    continue
+            runs.append((spare, 1, source, num_tokens))
         return runs
 
     def build(self, elements: _Elements) -> KernelCall:

@@ -85,8 +85,9 @@ def _verified_tree(runner: Any) -> MedusaTree | None:
 
 def _step_trees(runner: Any, num_draft_tokens: list[int]) -> list[DraftTree]:
     """Each request's tree as scheduled this step: the first n_i nodes of the tree its drafts
-    were proposed with (its own, with per-request drafting; else the drafter's). Worked out
-    once per step, in `_prepare_inputs`, and read again by `_sample`."""
+    were proposed with (kept per request when drafted, static trees' as well; a chain's is
+    the drafter's). Worked out once per step, in `_prepare_inputs`, and read again by
+    `_sample`."""
     cached = getattr(runner, "_medusa_step_trees", None)
     if cached is not None and cached[0] == num_draft_tokens:
         return cached[1]
