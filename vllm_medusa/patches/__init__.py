@@ -14,6 +14,9 @@ Each module touches one vLLM surface and names the vLLM version it was read from
   would build vLLM's, and verifies Medusa trees (positions, path choice, KV moves, drafter
   input), and samples sampled and greedy requests through its own tree walk; seeded requests
   on CPU generators survive chunked prefills.
+- `cpu_gemm`: in engines speculating with Medusa on a one-thread CPU worker, float32 linear
+  layers and the lm_head run on `vllm_medusa.cpu_gemm`'s kernel where it reproduces vLLM's
+  product bit for bit (a few rows then cost little more than one).
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
 - `triton_attention`: `TRITON_ATTN` resolves to a subclass that applies tree masks through its
   kernel's `qq_bias`.
@@ -32,6 +35,7 @@ Each module touches one vLLM surface and names the vLLM version it was read from
 
 from vllm_medusa.patches import (
     cpu_attention,
+    cpu_gemm,
     medusa_config,
     model_registry,
     model_runner,
@@ -50,6 +54,7 @@ def apply() -> None:
     speculative_config.apply()
     model_runner.apply()
     cpu_attention.apply()
+    cpu_gemm.apply()
     scheduler.apply()
     triton_attention.apply()
     vllm_config.apply()
