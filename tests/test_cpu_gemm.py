@@ -76,7 +76,7 @@ def _processed_layer(weight: torch.Tensor) -> torch.nn.Module:
     return layer
 
 
-def test_the_patch_swaps_the_product_in_medusa_engines_only(monkeypatch):
+def test_the_patch_swaps_the_product_in_medusa_engines_unless_told(monkeypatch):
     cpu_gemm_patch.apply()
     torch.manual_seed(3)
     weight = torch.randn(128, 576)
@@ -90,6 +90,10 @@ def test_the_patch_swaps_the_product_in_medusa_engines_only(monkeypatch):
     swapped = _processed_layer(weight)
     monkeypatch.setenv(cpu_gemm_patch.ENV, "0")
     switched_off = _processed_layer(weight)
+    monkeypatch.setattr(cpu_gemm_patch, "_medusa_engine", lambda: False)
+    monkeypatch.setenv(cpu_gemm_patch.ENV, "all")
+    everywhere = _processed_layer(weight)
+    assert isinstance(everywhere.cpu_linear, cpu_gemm_patch.KernelProduct)
 
     for layer in (plain, swapped, switched_off):
         assert torch.equal(layer.method.apply(layer, x), expected)

@@ -5,11 +5,12 @@ time, so rebinding the module attribute reaches every layer.
 
 In an engine that speculates with Medusa, on a CPU worker running one thread, each float32
 layer whose product `vllm_medusa.cpu_gemm` reproduces bit for bit (checked per layer, against
-the product vLLM picked) runs on that kernel instead, for every row count: a step verifying a
-few drafts per request then costs little more than a plain step, and every logit is what
-vLLM's product gives. vLLM's own copy of the weight (oneDNN's packed one) is dropped with its
+the product vLLM picked) runs on that kernel instead, for every row count: the drafts a step
+verifies cost less (see `vllm_medusa.cpu_gemm`), and every logit is what vLLM's product
+gives. vLLM's own copy of the weight (oneDNN's packed one) is dropped with its
 product, so the weights take the memory they took before. `VLLM_MEDUSA_CPU_GEMM=0` keeps
-vLLM's products.
+vLLM's products; `VLLM_MEDUSA_CPU_GEMM=all` uses the kernel in engines without speculation as
+well (so that a benchmark can tell the kernel's share of a speed-up from speculation's).
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ def _host_has_fma() -> bool:
 
 
 def _wanted(weight: torch.Tensor) -> bool:
+    setting = os.environ.get(ENV, "1")
     return (
-        os.environ.get(ENV, "1") != "0"
+        setting != "0"
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and not weight.is_meta
         # One thread per worker (vLLM's choice on small machines): the kernel is serial.
         and torch.get_num_threads() == 1
-        and _medusa_engine()
+        and (setting == "all" or _medusa_engine())
         and _host_has_fma()
     )
 
