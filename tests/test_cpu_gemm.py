@@ -102,3 +102,18 @@ def test_the_patch_swaps_the_product_in_medusa_engines_unless_told(monkeypatch):
     # vLLM dropped its unpacked weight; the swapped layer holds only the kernel's copy.
     assert swapped.weight.numel() == 0
     assert swapped.cpu_linear.packed.packed.shape == (8, 576, 16)
+
+
+def test_engines_still_start_in_a_process_that_compiled_the_kernel():
+    """vLLM scans every loaded module for Triton kernels at each engine start; llvmlite's
+    library object, loaded with the kernel, answers any attribute and used to stop it."""
+    from vllm.triton_utils import dispatcher
+
+    from vllm_medusa.patches import triton_dispatcher
+
+    triton_dispatcher.apply()
+    cpu_gemm._kernel()
+    dispatcher._rebind_kernels([])  # the scan `register_kernels` runs
+    import llvmlite.binding.ffi as ffi
+
+    assert ffi.lib is not None  # set aside for the scan only

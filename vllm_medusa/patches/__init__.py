@@ -17,6 +17,9 @@ Each module touches one vLLM surface and names the vLLM version it was read from
 - `cpu_gemm`: in engines speculating with Medusa on a one-thread CPU worker, float32 linear
   layers and the lm_head run on `vllm_medusa.cpu_gemm`'s kernel where it reproduces vLLM's
   product bit for bit (a few rows then cost little more than one).
+- `triton_dispatcher`: vLLM's scan of every loaded module for Triton kernels at engine start
+  steps past llvmlite's library object, which answers any attribute (the few-rows kernel and
+  numba load llvmlite; an engine started in-process afterwards would stop).
 - `cpu_attention`: `CPU_ATTN` resolves to a subclass that applies tree masks.
 - `triton_attention`: `TRITON_ATTN` resolves to a subclass that applies tree masks through its
   kernel's `qq_bias`.
@@ -44,6 +47,7 @@ from vllm_medusa.patches import (
     speculative_config,
     structured_output,
     triton_attention,
+    triton_dispatcher,
     vllm_config,
 )
 
@@ -55,6 +59,7 @@ def apply() -> None:
     model_runner.apply()
     cpu_attention.apply()
     cpu_gemm.apply()
+    triton_dispatcher.apply()
     scheduler.apply()
     triton_attention.apply()
     vllm_config.apply()
