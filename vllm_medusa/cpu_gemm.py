@@ -1,5 +1,5 @@
-"""Float32 matrix products on the CPU that cost little more for a few rows than for one, with
-the same bits as vLLM's oneDNN products.
+"""Float32 matrix products on the CPU with the bits of vLLM's oneDNN products, whose extra
+rows cost less.
 
 Why: a speculative step runs the target on each request's drafts as extra rows. On one core
 vLLM's oneDNN product (`ops.onednn_mm`) reads the weight from memory and then spends the
@@ -152,18 +152,16 @@ def _ir(vector: int, columns: int, tile_rows: int) -> str:
     m0 = b.phi(i64)
     m0.add_incoming(ir.Constant(i64, 0), columns_loop)
     left = b.sub(m_total, m0)
+    x_tile = b.gep(x, [b.mul(m0, ldx)])
+    out_tile = b.gep(out, [b.add(b.mul(m0, ldo), column)])
     full, rest, next_block = (fn.append_basic_block(n) for n in ("full", "rest", "next"))
     b.cbranch(b.icmp_signed(">=", left, ir.Constant(i64, tile_rows)), full, rest)
     b.position_at_end(full)
-    x_tile = b.gep(x, [b.mul(m0, ldx)])
-    out_tile = b.gep(out, [b.add(b.mul(m0, ldo), column)])
     b.call(tiles[tile_rows], [x_tile, ldx, block, k_total, out_tile, ldo, kblock])
     m_next = b.add(m0, ir.Constant(i64, tile_rows))
     m0.add_incoming(m_next, full)
     b.cbranch(b.icmp_signed("<", m_next, m_total), rows_loop, next_block)
     b.position_at_end(rest)
-    x_tile = b.gep(x, [b.mul(m0, ldx)])
-    out_tile = b.gep(out, [b.add(b.mul(m0, ldo), column)])
     switch = b.switch(left, next_block)
     for rows in range(1, tile_rows):
         case = fn.append_basic_block(f"rest{rows}")
@@ -223,15 +221,13 @@ class PackedLinear:
     """y = x @ weight.T (+ bias) with the weight packed for the kernel."""
 
     packed: torch.Tensor  # [N / NR, K, NR] float32
-    out_features: int
     kblock: int
 
-    @classmethod
-    def pack(cls, weight: torch.Tensor, kblock: int) -> PackedLinear:
-        """weight: [N, K] float32 with N a multiple of NR."""
+    @staticmethod
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        """weight: [N, K] float32 with N a multiple of NR -> [N / NR, K, NR]."""
         n, k = weight.shape
-        packed = weight.detach().reshape(n // NR, NR, k).transpose(1, 2).contiguous()
-        return cls(packed, n, kblock)
+        return weight.detach().reshape(n // NR, NR, k).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # an opaque op in the graph
@@ -280,8 +276,9 @@ def replicate(
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(m, weight.shape[1], generator=generator) for m in CHECK_ROWS]
     expected = [reference(x, weight, bias) for x in inputs]
+    packed = PackedLinear.pack(weight)
     for kblock in KBLOCK_CANDIDATES:
-        candidate = PackedLinear.pack(weight, kblock)
+        candidate = PackedLinear(packed, kblock)
         if all(torch.equal(candidate(x, bias), y) for x, y in zip(inputs, expected, strict=True)):
             return candidate
     return None

@@ -16,7 +16,7 @@ Each module touches one vLLM surface and names the vLLM version it was read from
   on CPU generators survive chunked prefills.
 - `cpu_gemm`: in engines speculating with Medusa on a one-thread CPU worker, float32 linear
   layers and the lm_head run on `vllm_medusa.cpu_gemm`'s kernel where it reproduces vLLM's
-  product bit for bit (a few rows then cost little more than one).
+  product bit for bit (a step's extra rows then cost less than on vLLM's).
 - `triton_dispatcher`: vLLM's scan of every loaded module for Triton kernels at engine start
   steps past llvmlite's library object, which answers any attribute (the few-rows kernel and
   numba load llvmlite; an engine started in-process afterwards would stop).

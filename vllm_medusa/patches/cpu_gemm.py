@@ -29,8 +29,6 @@ logger = init_logger(f"vllm.{__name__}")
 
 ENV = "VLLM_MEDUSA_CPU_GEMM"
 _PATCHED_ATTR = "_vllm_medusa_patched"
-# Per process: layers moved to the kernel, and layers left to vLLM's product.
-_counts = {"replicated": 0, "kept": 0}
 
 
 @dataclass(frozen=True)
@@ -53,6 +51,7 @@ def _medusa_engine() -> bool:
     return spec is not None and spec.method == "medusa"
 
 
+@functools.cache
 def _host_has_fma() -> bool:
     """The kernel's vector fused multiply-adds are instructions here (not library calls)."""
     import llvmlite.binding as llvm
@@ -78,16 +77,13 @@ def _wanted(weight: torch.Tensor) -> bool:
 def _replace_product(layer: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     packed = replicate(weight, bias, layer.cpu_linear)
     if packed is None:
-        _counts["kept"] += 1
-        return
+        return  # vLLM's product stays
     layer.cpu_linear = KernelProduct(packed)
-    _counts["replicated"] += 1
-    if _counts["replicated"] == 1:
-        logger.info(
-            "vllm-medusa: float32 products run on the few-rows kernel (bitwise vLLM's, "
-            "checked per layer; %s=0 turns it off)",
-            ENV,
-        )
+    logger.info_once(
+        "vllm-medusa: float32 products run on the few-rows kernel (bitwise vLLM's, "
+        "checked per layer; %s=0 turns it off)",
+        ENV,
+    )
 
 
 def apply() -> None:
