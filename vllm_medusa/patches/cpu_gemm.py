@@ -3,7 +3,8 @@ picks each unquantized linear layer's (and the lm_head's) product on the CPU whe
 are loaded and stores it as `layer.cpu_linear`; its callers import it from that module at call
 time, so rebinding the module attribute reaches every layer.
 
-In an engine that speculates with Medusa, on a CPU worker running one thread, each float32
+In an engine that speculates with Medusa, on a CPU worker running one thread whose CPU the
+kernel suits (AVX2 without AVX-512: `vllm_medusa.cpu_gemm.suits_host`), each float32
 layer whose product `vllm_medusa.cpu_gemm` reproduces bit for bit (checked per layer, against
 the product vLLM picked) runs on that kernel instead, for every row count: the drafts a step
 verifies cost less (see `vllm_medusa.cpu_gemm`), and every logit is what vLLM's product
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 
-from vllm_medusa.cpu_gemm import PackedLinear, replicate
+from vllm_medusa.cpu_gemm import PackedLinear, replicate, suits_host
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -51,15 +52,6 @@ def _medusa_engine() -> bool:
     return spec is not None and spec.method == "medusa"
 
 
-@functools.cache
-def _host_has_fma() -> bool:
-    """The kernel's vector fused multiply-adds are instructions here (not library calls)."""
-    import llvmlite.binding as llvm
-
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("fma") or features.get("neon"))
-
-
 def _wanted(weight: torch.Tensor) -> bool:
     setting = os.environ.get(ENV, "1")
     return (
@@ -70,7 +62,7 @@ def _wanted(weight: torch.Tensor) -> bool:
         # One thread per worker (vLLM's choice on small machines): the kernel is serial.
         and torch.get_num_threads() == 1
         and (setting == "all" or _medusa_engine())
-        and _host_has_fma()
+        and suits_host()
     )
 
 
