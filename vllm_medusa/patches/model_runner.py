@@ -150,6 +150,12 @@ def _publish_tree_step(runner: Any, trees: list[DraftTree]) -> None:
     runner._medusa_tree_step = TreeStep(sequences, query_starts) if sequences else None
 
 
+def _drafted(spec_metadata: Any) -> bool:
+    """Some request of the step verifies drafts (vLLM builds the metadata for a speculating
+    engine's decode steps even when every request's draft count is 0)."""
+    return spec_metadata is not None and any(spec_metadata.num_draft_tokens)
+
+
 def _draft_limits(sampling_metadata: Any, num_drafts: list[int]) -> list[int]:
     """Per request: how many drafts it may accept while every draw stays exactly what vLLM's
     sampler would draw at that position (see `vllm_medusa.verify`)."""
@@ -393,7 +399,7 @@ def _patch_runner(runner_cls: type) -> None:
         result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
         spec_metadata = result[1]
         self._medusa_step_trees = None  # an earlier step's never stands in for this one's
-        if _tree(self) is not None and spec_metadata is not None:
+        if _tree(self) is not None and _drafted(spec_metadata):
             _publish_tree_step(self, _step_trees(self, spec_metadata.num_draft_tokens))
         return result
 
@@ -403,6 +409,10 @@ def _patch_runner(runner_cls: type) -> None:
             tree = _verified_tree(self)
             if tree is None or spec_decode_metadata is None:
                 return sample(self, logits, spec_decode_metadata)
+            if not _drafted(spec_decode_metadata):
+                # No request has drafts (the schedule's 0 at this batch size): one token per
+                # request, sampled as without speculation, without the walk's cost per step.
+                return sample(self, logits, None)
             self.input_batch.update_async_output_token_ids()
             return _sample_tree(self, logits, spec_decode_metadata)
 
