@@ -114,4 +114,9 @@ def test_recorded_hidden_states_are_what_the_lm_head_sees(smollm2_dir: Path):
     recorded = recorded_head_data(answers)
     reference = compute_hidden_states(smollm2_dir, answers)
     assert torch.equal(recorded.targets, reference.targets)
-    torch.testing.assert_close(recorded.hidden, reference.hidden, atol=1e-3, rtol=1e-3)
+    # vLLM's float32 products (oneDNN, batched rows) and Hugging Face's (one sequence) add in
+    # different orders, so rows agree to rounding, not bitwise: measured up to 2.5e-6 of a
+    # row's norm on one CPU and elementwise differences of 3e-3 (rows of norm ~45) on another.
+    # A row off by one position differs by a third of its norm or more.
+    row_error = (recorded.hidden - reference.hidden).norm(dim=-1)  # [rows]
+    assert (row_error <= 1e-3 * reference.hidden.norm(dim=-1)).all(), row_error.max()
