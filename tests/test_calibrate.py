@@ -28,6 +28,7 @@ from vllm_medusa.calibrate import (
     pruning_survival,
 )
 from vllm_medusa.heads import default_heads_path
+from vllm_medusa.prediction import StepTable
 from vllm_medusa.tree import best_tree, build_tree, expected_acceptance_length
 
 ACCEPTANCE = [[0.3, 0.1, 0.05], [0.25, 0.1, 0.05], [0.2, 0.1, 0.0]]
@@ -308,6 +309,9 @@ def test_calibrate_command_writes_a_calibration_the_plugin_accepts(
     assert 0 < calibration.acceptance[0][0] <= 1
     assert [m["draft_nodes"] for m in calibration.measurements] == [0, 2, 0, 2]
     assert all(m["step_ms"] > 0 and m["measured_tok_s"] > 0 for m in calibration.measurements)
+    # What bench's predictions need: each batch size's prefill, for the prompts' tokens.
+    assert all(m["prefill_ms"] > 0 and m["prompt_tokens"] > 0 for m in calibration.measurements)
+    assert StepTable.from_calibration(calibration).nodes(2) == calibration.schedule[1][2]
     assert [e[:2] for e in calibration.schedule] == [[1, 1], [2, 1024]]
     # Measured with the heads' drafting settings, as engines with these heads run them.
     assert calibration.drafting["copy"] is True and calibration.drafting["prune_below"] == 0.1

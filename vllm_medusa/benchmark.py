@@ -35,9 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_medusa.calibrate import find_calibration, mismatch, model_identity
 from vllm_medusa.default_model import default_model_path
 from vllm_medusa.drafting import DRAFTING_ENV, configured_drafting
 from vllm_medusa.heads import default_heads_path
+from vllm_medusa.prediction import StepTable, predicted_tok_s
 from vllm_medusa.tree import TREE_ENV
 from vllm_medusa.typical import TYPICAL_ENV
 
@@ -161,6 +163,7 @@ def _run_cell(
         "seconds": seconds,
         "tokens": sum(len(t) for t in tokens),
         "token_ids": tokens,
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
     }
     if temperature:
         record["logprob_sum"] = _target_logprob_sum(llm, outputs)
@@ -205,9 +208,45 @@ def _target_logprob_sum(llm, outputs) -> float:
     return total
 
 
+def _calibration_table(args: argparse.Namespace) -> StepTable | None:
+    """The step times of the calibration that the `plugin` engine uses, if it uses one and
+    it records what a prediction needs (see `vllm_medusa.prediction`)."""
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    found = find_calibration(args.heads, args.dtype)
+    if found is None:
+        return None
+    _, calibration, _ = found
+    target = model_identity(AutoConfig.from_pretrained(args.model))
+    device = current_platform.device_type
+    if mismatch(calibration, args.heads, target, args.dtype, device) is not None:
+        return None
+    return StepTable.from_calibration(calibration)
+
+
+def _predicted(table: StepTable, runs: list[dict], config: str) -> float:
+    """The calibration's tokens/s for these runs' prompts and answers (median over runs)."""
+    return statistics.median(
+        predicted_tok_s(
+            table,
+            r["prompt_tokens"],
+            [len(t) for t in r["token_ids"]],
+            r["batch"],
+            speculate=config == "plugin",
+        )
+        for r in runs
+    )
+
+
 def _summarise(
-    raw: dict[str, list[dict]], temperatures: list[float], batch_sizes: list[int]
+    raw: dict[str, list[dict]],
+    temperatures: list[float],
+    batch_sizes: list[int],
+    table: StepTable | None = None,
 ) -> list[dict]:
+    """One row per (temperature, config, batch size); with the plugin's calibration's
+    `table`, greedy rows of no speculation and of `plugin` carry what it predicts."""
     rows = []
     reference = {
         (r["temperature"], r["batch"], r["run"]): r["token_ids"] for r in raw.get("none", [])
@@ -238,6 +277,8 @@ def _summarise(
             if reference and not temperature
             else None,
         }
+        if table is not None and not temperature and config in ("none", "plugin"):
+            row["predicted_tok_s"] = round(_predicted(table, runs, config), 2)
         if temperature:
             tokens = sum(r["tokens"] for r in runs)
             row["mean_logprob"] = round(sum(r["logprob_sum"] for r in runs) / tokens, 3)
@@ -271,11 +312,18 @@ def format_categories(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _prediction_cell(row: dict) -> str:
+    if "predicted_tok_s" not in row:
+        return "-"
+    predicted = row["predicted_tok_s"]
+    return f"{predicted:.1f} ({predicted / row['tok_s_median'] - 1:+.0%})"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| config | temperature | batch | tok/s median | min-max | speedup | accept len "
-        "| identical | mean logprob |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| identical | mean logprob | predicted by calibration |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
@@ -284,7 +332,7 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['config']} | {r['temperature']} | {r['batch']} | {r['tok_s_median']:.1f} | "
             f"{r['tok_s_min']:.1f}-{r['tok_s_max']:.1f} | {speedup} | "
             f"{r.get('mean_acceptance_length', '-')} | {identical} | "
-            f"{r.get('mean_logprob', '-')} |"
+            f"{r.get('mean_logprob', '-')} | {_prediction_cell(r)} |"
         )
     return "\n".join(lines)
 
@@ -494,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         raw = _run_alternated(args, Path(tmp))
-    rows = _summarise(raw, args.temperatures, args.batch_sizes)
+    table = _calibration_table(args) if "plugin" in args.configs else None
+    rows = _summarise(raw, args.temperatures, args.batch_sizes, table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
         k: v

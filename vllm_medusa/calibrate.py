@@ -217,6 +217,29 @@ def other_cpu(calibration: Calibration) -> str | None:
     return f"it was measured on a CPU with {_features(measured)}, this one has {_features(here)}"
 
 
+def find_calibration(
+    heads_dir: str | os.PathLike, dtype: str
+) -> tuple[Path, Calibration, str | None] | None:
+    """The calibration an engine of `dtype` with these heads reads, with why it was measured
+    on another kind of CPU (None: on this kind): this dtype's file, else float32's (which
+    `mismatch` sets aside); if that was measured on another kind of CPU, the heads' file for
+    this kind, where they carry one. Only then, so that a user's own calibration in the main
+    file wins once run here. None without a calibration file."""
+    path = Path(heads_dir) / calibration_file(dtype)
+    if not path.is_file():
+        path = Path(heads_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    calibration = load_calibration(path)
+    other = other_cpu(calibration)
+    if other is not None:
+        kind_path = Path(heads_dir) / calibration_file(dtype, cpu_kind(cpu_features()))
+        if kind_path.is_file():
+            path, calibration = kind_path, load_calibration(kind_path)
+            other = other_cpu(calibration)
+    return path, calibration, other
+
+
 def _features(features: list[str]) -> str:
     return " ".join(features) if features else f"none of {' '.join(CPU_FEATURES)}"
 
@@ -403,14 +426,15 @@ class _Engine:
         shutdown(self.llm)
 
 
-def _chat(llm, prompts: list[str], max_tokens: int) -> float:
-    """Seconds to answer `prompts` in one batch, greedy, exactly `max_tokens` tokens each."""
+def _chat(llm, prompts: list[str], max_tokens: int) -> tuple[float, int]:
+    """Seconds to answer `prompts` in one batch, greedy, exactly `max_tokens` tokens each,
+    and the prompts' tokens."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
-    llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
-    return time.perf_counter() - start
+    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - start, sum(len(o.prompt_token_ids) for o in outputs)
 
 
 def probe_records(
@@ -448,8 +472,10 @@ def measure_steps(
     progress,
 ) -> dict[tuple[int, int], dict[str, float]]:
     """Per batch size B and engine of n draft nodes (0: no speculation): the time of one
-    decode step with B requests, and the decode tokens/s measured. Each round decodes B
-    requests of `tokens` tokens (EOS ignored) after timing their prefill alone; rounds use
+    decode step with B requests, the decode tokens/s measured, and the time of a prefill of
+    B prompts with their tokens (`vllm_medusa.prediction` scales it to other prompts). Each
+    round decodes B requests of `tokens` tokens (EOS ignored) after timing their prefill
+    alone; rounds use
     different prompts, and every engine runs each round in turn, in an order rotated round
     by round, so that a machine whose speed drifts over minutes moves every tree size alike.
     A request's decode steps are its decoded tokens less the drafts it accepted, which counts
@@ -461,13 +487,17 @@ def measure_steps(
     counters = {n: count_spec_decoding(engines[n]) for n in sizes if n}
     for b in batch_sizes:
         decode = dict.fromkeys(sizes, 0.0)
+        prefill = dict.fromkeys(sizes, 0.0)
+        prompt_tokens = 0
         before = {n: replace(counters[n]) for n in sizes if n}
         batches = max(1, rounds // b)
         for i in range(batches):
             batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
             for n in sizes[i % len(sizes) :] + sizes[: i % len(sizes)]:
-                prefill = _chat(engines[n], batch, 1)
-                decode[n] += max(_chat(engines[n], batch, tokens) - prefill, 1e-6)
+                first, batch_tokens = _chat(engines[n], batch, 1)
+                prefill[n] += first
+                decode[n] += max(_chat(engines[n], batch, tokens)[0] - first, 1e-6)
+            prompt_tokens += batch_tokens
         decoded = batches * b * (tokens - 1)  # the first token of each request is prefill's
         for n in sizes:
             accepted = counters[n].minus(before[n]).num_accepted_tokens if n else 0
@@ -476,6 +506,8 @@ def measure_steps(
                 "step_ms": 1000 * decode[n] / steps,
                 "measured_tok_s": decoded / decode[n],
                 "measured_acceptance": decoded / (decoded - accepted),
+                "prefill_ms": 1000 * prefill[n] / batches,
+                "prompt_tokens": prompt_tokens / batches,
             }
             progress.update(1)
     return results

@@ -24,19 +24,9 @@ warning.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from vllm_medusa.calibrate import (
-    CALIBRATION_FILE,
-    calibration_file,
-    cpu_features,
-    cpu_kind,
-    load_calibration,
-    mismatch,
-    model_identity,
-    other_cpu,
-)
+from vllm_medusa.calibrate import find_calibration, mismatch, model_identity
 from vllm_medusa.draft_vocab import load_draft_vocab
 from vllm_medusa.drafting import CONFIG_KEY as DRAFTING_KEY
 from vllm_medusa.drafting import RESOLVED_ATTR as DRAFTING_ATTR
@@ -129,21 +119,10 @@ def calibrated_settings(
         if isinstance(target.dtype, torch.dtype)
         else str(target.dtype)
     )
-    # This dtype's calibration, else float32's (set aside below, with a warning saying why).
-    path = Path(heads_dir) / calibration_file(dtype)
-    if not path.is_file():
-        path = Path(heads_dir) / CALIBRATION_FILE
-    if not path.is_file():
+    found = find_calibration(heads_dir, dtype)
+    if found is None:
         return None
-    calibration = load_calibration(path)
-    other = other_cpu(calibration)
-    if other is not None:
-        # Measured on another kind of CPU: one measured on this kind, if the heads carry it.
-        # Only then, so that a user's own calibration in the main file wins once run here.
-        kind_path = Path(heads_dir) / calibration_file(dtype, cpu_kind(cpu_features()))
-        if kind_path.is_file():
-            path, calibration = kind_path, load_calibration(kind_path)
-            other = other_cpu(calibration)
+    path, calibration, other = found
     reason = mismatch(
         calibration,
         heads_dir,

@@ -1,0 +1,103 @@
+"""What a calibration predicts for a workload: tokens/s of prompts answered in groups of B
+requests, each group prefilled together and decoded until its last answer ends, the way
+`vllm-medusa bench` runs them.
+
+Why not the calibration's table alone: it times B requests decoding one fixed length
+together, and its acceptance is scaled to those engines, whose requests run past EOS. Real
+answers stop at EOS one by one, so a group spends its last steps with fewer requests (where
+the schedule may draft more, and steps cost less), and each group starts with a prefill. Here
+a group is stepped through: per step, the requests still answering set the batch size, the
+schedule the draft nodes, the calibration's step times (interpolated between the batch sizes
+it measured) the time, and the tokens per step its probe measured on answers that end at EOS
+the progress of each request.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class StepTable:
+    """A calibration's measurements, by (batch size, draft nodes)."""
+
+    batch_sizes: list[int]  # measured, ascending
+    step_ms: dict[tuple[int, int], float]
+    prefill_ms_per_token: dict[tuple[int, int], float]
+    tokens_per_step: dict[int, float]  # per draft nodes, answers until EOS (0 nodes: 1.0)
+    schedule: list[list[int]]  # [[first batch size, last batch size, draft nodes], ...]
+
+    @classmethod
+    def from_calibration(cls, calibration: Any) -> StepTable | None:
+        """None for a calibration measured before prefill times were recorded."""
+        rows = calibration.measurements
+        if not rows or any("prefill_ms" not in m for m in rows):
+            return None
+        return cls(
+            batch_sizes=sorted({m["batch_size"] for m in rows}),
+            step_ms={(m["batch_size"], m["draft_nodes"]): m["step_ms"] for m in rows},
+            prefill_ms_per_token={
+                (m["batch_size"], m["draft_nodes"]): m["prefill_ms"] / m["prompt_tokens"]
+                for m in rows
+            },
+            tokens_per_step={m["draft_nodes"]: m["expected_acceptance"] for m in rows},
+            schedule=calibration.schedule,
+        )
+
+    def nodes(self, batch: int) -> int:
+        """Draft nodes per request the schedule gives a step of `batch` requests."""
+        for first, last, nodes in self.schedule:
+            if first <= batch <= last:
+                return nodes
+        return 0
+
+    def _at(self, table: dict[tuple[int, int], float], batch: int, nodes: int) -> float:
+        """`table` at `batch` requests: linear between the measured batch sizes around it,
+        the nearest one outside them."""
+        sizes = self.batch_sizes
+        if batch <= sizes[0]:
+            return table[(sizes[0], nodes)]
+        if batch >= sizes[-1]:
+            return table[(sizes[-1], nodes)]
+        hi = bisect.bisect_left(sizes, batch)
+        b0, b1 = sizes[hi - 1], sizes[hi]
+        w = (batch - b0) / (b1 - b0)
+        return (1 - w) * table[(b0, nodes)] + w * table[(b1, nodes)]
+
+    def group_seconds(
+        self, prompt_tokens: list[int], answer_tokens: list[int], speculate: bool
+    ) -> float:
+        """Seconds to prefill one group of requests and decode their answers (tokens each,
+        the first of them from the prefill)."""
+        batch = len(answer_tokens)
+        nodes = self.nodes(batch) if speculate else 0
+        ms = self._at(self.prefill_ms_per_token, batch, nodes) * sum(prompt_tokens)
+        remaining = [t - 1 for t in answer_tokens]  # decode tokens still to come, per request
+        while True:
+            active = [i for i, r in enumerate(remaining) if r > 0]
+            if not active:
+                return ms / 1000
+            nodes = self.nodes(len(active)) if speculate else 0
+            ms += self._at(self.step_ms, len(active), nodes)
+            for i in active:
+                remaining[i] -= self.tokens_per_step[nodes]
+
+
+def predicted_tok_s(
+    table: StepTable,
+    prompt_tokens: list[int],
+    answer_tokens: list[int],
+    batch: int,
+    speculate: bool,
+) -> float:
+    """Tokens/s the calibration predicts for these prompts and answers (per request, in
+    order) run in groups of `batch`, with its schedule (`speculate`) or without speculation."""
+    seconds = sum(
+        table.group_seconds(
+            prompt_tokens[start : start + batch], answer_tokens[start : start + batch], speculate
+        )
+        for start in range(0, len(answer_tokens), batch)
+    )
+    return sum(answer_tokens) / seconds
