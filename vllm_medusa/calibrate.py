@@ -20,6 +20,8 @@ draft count per batch size that are fastest here, for the plugin to use by defau
    branch's gain, its drafts scaled by what the timed engines of step 3 accepted against that
    expectation, pooled (`acceptance_scale`).
    Per batch size the fastest n wins, but only if it beats no speculation by `--margin`.
+   Each batch size's prefill time is recorded too: with the step times, it lets
+   `vllm_medusa.prediction` predict a workload whose answers end at EOS (`vllm-medusa bench`).
 
 The result is written beside the heads (`medusa_calibration.json`), with what it was
 measured on; engines that name those heads and set no tree or schedule of their own use it
