@@ -7,7 +7,7 @@ import pytest
 
 from vllm_medusa.benchmark import _summarise, format_table
 from vllm_medusa.calibrate import Calibration
-from vllm_medusa.prediction import StepTable, predicted_tok_s
+from vllm_medusa.prediction import StepTable, fit_line, predicted_tok_s
 
 
 def table() -> StepTable:
@@ -15,7 +15,8 @@ def table() -> StepTable:
     return StepTable(
         batch_sizes=[1, 4],
         step_ms={(1, 0): 10.0, (1, 2): 12.0, (4, 0): 16.0, (4, 2): 30.0},
-        prefill_ms_per_token={(1, 0): 1.0, (1, 2): 1.0, (4, 0): 1.0, (4, 2): 2.0},
+        prefill_fixed_ms=2.0,
+        prefill_ms_per_token=1.0,
         tokens_per_step={0: 1.0, 2: 2.0},
         schedule=[[1, 1, 2], [2, 1024, 0]],
     )
@@ -23,23 +24,23 @@ def table() -> StepTable:
 
 def test_a_group_thins_as_its_answers_end_and_drafts_as_the_schedule_says():
     # Two requests, answers of 3 and 6 tokens (the first of each from the prefill), prompts of
-    # 5 tokens: prefill 10 ms (batch 2, 1 ms a token); two steps of both requests without
-    # drafts (batch 2: 12 ms, between batch 1's 10 and batch 4's 16); the first answer is
-    # done, and the second, alone, drafts 2 nodes: 3 tokens left, two steps of 12 ms.
-    assert table().group_seconds([5, 5], [3, 6], speculate=True) == pytest.approx(0.058)
+    # 5 tokens: prefill 2 + 10 ms; two steps of both requests without drafts (batch 2: 12 ms,
+    # between batch 1's 10 and batch 4's 16); the first answer is done, and the second,
+    # alone, drafts 2 nodes: 3 tokens left, two steps of 12 ms.
+    assert table().group_seconds([5, 5], [3, 6], speculate=True) == pytest.approx(0.060)
     # Without speculation the lone request takes three steps of 10 ms.
-    assert table().group_seconds([5, 5], [3, 6], speculate=False) == pytest.approx(0.064)
+    assert table().group_seconds([5, 5], [3, 6], speculate=False) == pytest.approx(0.066)
 
 
 def test_groups_of_the_batch_size_run_one_after_another():
-    # Batch 1: the 3-token answer 5 + 12 ms, the 6-token one 5 + 3 x 12 ms.
+    # Batch 1: the 3-token answer 7 + 12 ms, the 6-token one 7 + 3 x 12 ms.
     tok_s = predicted_tok_s(table(), [5, 5], [3, 6], batch=1, speculate=True)
-    assert tok_s == pytest.approx(9 / 0.058)
-    # Beyond the measured batch sizes, the largest one's times: eight 1-token answers are
-    # their prefill alone, which at batch 8 drafts nothing (the schedule) and costs batch
-    # 4's 1 ms a token without drafts (2 ms with them).
-    tok_s = predicted_tok_s(table(), [1] * 8, [1] * 8, batch=8, speculate=True)
-    assert tok_s == pytest.approx(8 / 0.008)
+    assert tok_s == pytest.approx(9 / 0.062)
+    # Beyond the measured batch sizes, the largest one's step times: eight 2-token answers
+    # (empty prompts) are a 2 ms prefill and one step, without drafts at batch 8 (the
+    # schedule), of batch 4's 16 ms (30 with drafts).
+    tok_s = predicted_tok_s(table(), [0] * 8, [2] * 8, batch=8, speculate=True)
+    assert tok_s == pytest.approx(16 / 0.018)
 
 
 def calibration(measurements: list[dict]) -> Calibration:
@@ -59,10 +60,21 @@ def calibration(measurements: list[dict]) -> Calibration:
 def test_a_calibration_without_prefill_times_predicts_nothing():
     row = {"batch_size": 1, "draft_nodes": 0, "step_ms": 10.0, "expected_acceptance": 1.0}
     assert StepTable.from_calibration(calibration([row])) is None
-    row |= {"prefill_ms": 30.0, "prompt_tokens": 15.0}
-    steps = StepTable.from_calibration(calibration([row]))
-    assert steps.prefill_ms_per_token == {(1, 0): 2.0}
+    rows = [
+        row | {"prefill_ms": 30.0, "prompt_tokens": 15.0},
+        row | {"batch_size": 2, "prefill_ms": 40.0, "prompt_tokens": 30.0},
+    ]
+    steps = StepTable.from_calibration(calibration(rows))
+    # A fixed 20 ms a group and 2/3 ms a prompt token.
+    assert steps.prefill_fixed_ms == pytest.approx(20.0)
+    assert steps.prefill_ms_per_token == pytest.approx(2 / 3)
     assert steps.tokens_per_step == {0: 1.0} and steps.nodes(3) == 2
+
+
+def test_the_prefill_line_never_goes_below_zero():
+    assert fit_line([(1, 5), (2, 3)]) == (4.0, 0.0)  # flat, not cheaper with more tokens
+    fixed, per_token = fit_line([(10, 1), (20, 10)])  # through the origin, not below it
+    assert fixed == 0.0 and per_token == pytest.approx(210 / 500)
 
 
 def test_the_benchmark_reports_the_prediction_beside_what_it_measured():
@@ -71,11 +83,11 @@ def test_the_benchmark_reports_the_prediction_beside_what_it_measured():
         return {"temperature": 0.0, "batch": 2, "run": 0, "seconds": seconds,
                 "tokens": 9, "token_ids": tokens, "prompt_tokens": [5, 5]}  # fmt: skip
 
-    raw = {"none": [run("none", 0.09)], "plugin": [run("plugin", 0.06)]}
+    raw = {"none": [run("none", 0.09)], "plugin": [run("plugin", 0.0625)]}
     rows = _summarise(raw, [0.0], [2], table())
     by_config = {r["config"]: r for r in rows}
-    assert by_config["none"]["predicted_tok_s"] == pytest.approx(9 / 0.064, abs=0.01)
-    assert by_config["plugin"]["predicted_tok_s"] == pytest.approx(9 / 0.058, abs=0.01)
-    # 155.17 predicted against 150.0 measured.
-    assert "155.2 (+3%)" in format_table(rows)
+    assert by_config["none"]["predicted_tok_s"] == pytest.approx(9 / 0.066, abs=0.01)
+    assert by_config["plugin"]["predicted_tok_s"] == pytest.approx(9 / 0.060, abs=0.01)
+    # 150.0 predicted against 144.0 measured.
+    assert "150.0 (+4%)" in format_table(rows)
     assert all("predicted_tok_s" not in r for r in _summarise(raw, [0.0], [2]))

@@ -550,7 +550,17 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
         if k not in ("config", "worker_out", "control_fd", "out")
     }
-    args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    # Per run, what a prediction needs, so that it can be worked out again from the file.
+    runs = {
+        config: [
+            {k: r[k] for k in ("temperature", "batch", "run", "seconds", "prompt_tokens")}
+            | {"answer_tokens": [len(t) for t in r["token_ids"]]}
+            for r in records
+        ]
+        for config, records in raw.items()
+    }
+    report = {"settings": settings, "results": rows, "runs": runs}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(rows))
     print(format_categories(rows))
     print(f"written to {args.out}")

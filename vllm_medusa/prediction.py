@@ -10,6 +10,11 @@ a group is stepped through: per step, the requests still answering set the batch
 schedule the draft nodes, the calibration's step times (interpolated between the batch sizes
 it measured) the time, and the tokens per step its probe measured on answers that end at EOS
 the progress of each request.
+
+A prefill costs a fixed part (one `LLM.chat` call: rendering, scheduling, output; about 0.3 s
+on a 2-core CPU, several decode steps) and a part per prompt token, fitted as a line through
+the calibration's prefills of 1 to 16 prompts: scaling the whole time by prompt tokens would
+charge the fixed part again for every token of a longer prompt.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ class StepTable:
 
     batch_sizes: list[int]  # measured, ascending
     step_ms: dict[tuple[int, int], float]
-    prefill_ms_per_token: dict[tuple[int, int], float]
+    prefill_fixed_ms: float  # per group of requests
+    prefill_ms_per_token: float  # per prompt token
     tokens_per_step: dict[int, float]  # per draft nodes, answers until EOS (0 nodes: 1.0)
     schedule: list[list[int]]  # [[first batch size, last batch size, draft nodes], ...]
 
@@ -35,13 +41,12 @@ class StepTable:
         rows = calibration.measurements
         if not rows or any("prefill_ms" not in m for m in rows):
             return None
+        fixed, per_token = fit_line([(m["prompt_tokens"], m["prefill_ms"]) for m in rows])
         return cls(
             batch_sizes=sorted({m["batch_size"] for m in rows}),
             step_ms={(m["batch_size"], m["draft_nodes"]): m["step_ms"] for m in rows},
-            prefill_ms_per_token={
-                (m["batch_size"], m["draft_nodes"]): m["prefill_ms"] / m["prompt_tokens"]
-                for m in rows
-            },
+            prefill_fixed_ms=fixed,
+            prefill_ms_per_token=per_token,
             tokens_per_step={m["draft_nodes"]: m["expected_acceptance"] for m in rows},
             schedule=calibration.schedule,
         )
@@ -71,9 +76,7 @@ class StepTable:
     ) -> float:
         """Seconds to prefill one group of requests and decode their answers (tokens each,
         the first of them from the prefill)."""
-        batch = len(answer_tokens)
-        nodes = self.nodes(batch) if speculate else 0
-        ms = self._at(self.prefill_ms_per_token, batch, nodes) * sum(prompt_tokens)
+        ms = self.prefill_fixed_ms + self.prefill_ms_per_token * sum(prompt_tokens)
         remaining = [t - 1 for t in answer_tokens]  # decode tokens still to come, per request
         while True:
             active = [i for i, r in enumerate(remaining) if r > 0]
@@ -83,6 +86,22 @@ class StepTable:
             ms += self._at(self.step_ms, len(active), nodes)
             for i in active:
                 remaining[i] -= self.tokens_per_step[nodes]
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope of `points` (x, y), neither below 0: a prefill
+    neither takes negative time nor gets cheaper with more tokens, whatever the noise."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var_x = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x if var_x else 0.0
+    if slope <= 0:
+        return mean_y, 0.0
+    intercept = mean_y - slope * mean_x
+    if intercept < 0:  # through the origin instead
+        return 0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return intercept, slope
 
 
 def predicted_tok_s(
