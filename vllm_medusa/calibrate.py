@@ -475,11 +475,11 @@ def measure_steps(
 ) -> dict[tuple[int, int], dict[str, float]]:
     """Per batch size B and engine of n draft nodes (0: no speculation): the time of one
     decode step with B requests, the decode tokens/s measured, and the time of a prefill of
-    B prompts with their tokens (`vllm_medusa.prediction` scales it to other prompts). Each
+    B prompts with their tokens (`vllm_medusa.prediction` fits a line through these). Each
     round decodes B requests of `tokens` tokens (EOS ignored) after timing their prefill
-    alone; rounds use
-    different prompts, and every engine runs each round in turn, in an order rotated round
-    by round, so that a machine whose speed drifts over minutes moves every tree size alike.
+    alone; rounds use different prompts, and every engine runs each round in turn, in an
+    order rotated round by round, so that a machine whose speed drifts over minutes moves
+    every tree size alike.
     A request's decode steps are its decoded tokens less the drafts it accepted, which counts
     the steps where pruning left it nothing to draft as well."""
     from vllm_medusa.metrics import count_spec_decoding
