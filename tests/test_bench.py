@@ -35,6 +35,14 @@ def test_bench_reports_every_cell_against_no_speculation(smollm2_dir: Path, tmp_
         assert chain["identical_to_none"] is True
         assert chain["mean_acceptance_length"] >= 1.0
     assert cells[("plugin-chain", 1)]["acceptance_by_category"]
+    # Each cell starts from an empty prefix cache, as a user's new prompts would: its first
+    # prompt finds nothing cached, though every cell asks the same prompts (and the warm-up
+    # the first of them).
+    runs = json.loads(out.read_text())["runs"]
+    for records in runs.values():
+        assert len(records) == 2
+        assert all(r["cached_tokens"][0] == 0 for r in records)
+        assert all(len(r["cached_tokens"]) == len(r["prompt_tokens"]) == 2 for r in records)
 
 
 def test_bench_compiled_reaches_every_engine(tmp_path: Path):

@@ -311,7 +311,19 @@ def test_calibrate_command_writes_a_calibration_the_plugin_accepts(
     assert all(m["step_ms"] > 0 and m["measured_tok_s"] > 0 for m in calibration.measurements)
     # What bench's predictions need: each batch size's prefill, for the prompts' tokens.
     assert all(m["prefill_ms"] > 0 and m["prompt_tokens"] > 0 for m in calibration.measurements)
-    assert StepTable.from_calibration(calibration).nodes(2) == calibration.schedule[1][2]
+    # And what a step costs more per context token, measured with a long prompt: the same for
+    # every batch size of an engine, never negative; the context the steps were timed at is
+    # the prompts' and half the answer's.
+    for m in calibration.measurements:
+        assert m["context_tokens"] == pytest.approx(m["prompt_tokens"] / m["batch_size"] + 4)
+    per_engine = {m["draft_nodes"]: m["context_ms_per_token"] for m in calibration.measurements}
+    assert all(
+        m["context_ms_per_token"] == per_engine[m["draft_nodes"]] for m in calibration.measurements
+    )
+    assert all(v >= 0 for v in per_engine.values())
+    steps = StepTable.from_calibration(calibration)
+    assert steps.context_ms_per_token == per_engine
+    assert steps.nodes(2) == calibration.schedule[1][2]
     assert [e[:2] for e in calibration.schedule] == [[1, 1], [2, 1024]]
     # Measured with the heads' drafting settings, as engines with these heads run them.
     assert calibration.drafting["copy"] is True and calibration.drafting["prune_below"] == 0.1

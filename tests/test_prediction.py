@@ -91,3 +91,28 @@ def test_the_benchmark_reports_the_prediction_beside_what_it_measured():
     # 150.0 predicted against 144.0 measured.
     assert "150.0 (+4%)" in format_table(rows)
     assert all("predicted_tok_s" not in r for r in _summarise(raw, [0.0], [2]))
+
+
+def test_prompt_tokens_found_in_the_prefix_cache_cost_no_prefill():
+    # The same group as above with 3 of each prompt's 5 tokens cached: 6 ms less prefill.
+    seconds = table().group_seconds([5, 5], [3, 6], speculate=False, cached_tokens=[3, 3])
+    assert seconds == pytest.approx(0.060)
+    tok_s = predicted_tok_s(table(), [5, 5], [3, 6], batch=2, speculate=False, cached_tokens=[3, 3])
+    assert tok_s == pytest.approx(9 / 0.060)
+
+
+def test_a_step_costs_more_for_each_request_whose_context_is_longer_than_calibrated():
+    # 0.5 ms a step per context token beyond the calibration's 6, per request, without drafts.
+    steps = table()
+    steps.context_ms_per_token = {0: 0.5}
+    steps.reference_context = 6.0
+    # One request, a 5-token prompt and a 3-token answer: two steps at contexts 6 and 7 (the
+    # prompt and the tokens so far): 10 + 0 and 10 + 0.5 ms, after a 7 ms prefill.
+    assert steps.group_seconds([5], [3], speculate=False) == pytest.approx(0.0275)
+    # Two such requests: each batch-2 step (12 ms) adds both requests' excess: 0, then 1 ms.
+    assert steps.group_seconds([5, 5], [3, 3], speculate=False) == pytest.approx(0.037)
+    # Shorter contexts than the calibration's step faster, by the same measure: an empty
+    # prompt's steps at contexts 1 and 2 take 2.5 and 2 ms less.
+    assert steps.group_seconds([0], [3], speculate=False) == pytest.approx(0.0175)
+    # Draft counts the calibration did not measure it for add nothing.
+    assert steps.group_seconds([5], [5], speculate=True) == pytest.approx(0.031)

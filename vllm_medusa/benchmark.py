@@ -133,6 +133,9 @@ def _run_cell(
         top_p=args.top_p if temperature else 1.0,
         max_tokens=args.max_tokens,
     )
+    # Every cell asks the same prompts: without this, a cell would find the prompts of the
+    # cells before it in the prefix cache, which no user's new prompts do.
+    llm.reset_prefix_cache()
     before = spec_decode_stats(llm) if spec else None
     # Greedy batch 1, first run: acceptance per prompt, summed per category.
     per_prompt = spec and batch == 1 and not temperature and run == 0
@@ -164,6 +167,8 @@ def _run_cell(
         "tokens": sum(len(t) for t in tokens),
         "token_ids": tokens,
         "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+        # Within a cell, prompts still share the chat template's opening from the cache.
+        "cached_tokens": [o.num_cached_tokens or 0 for o in outputs],
     }
     if temperature:
         record["logprob_sum"] = _target_logprob_sum(llm, outputs)
@@ -234,6 +239,7 @@ def _predicted(table: StepTable, runs: list[dict], config: str) -> float:
             [len(t) for t in r["token_ids"]],
             r["batch"],
             speculate=config == "plugin",
+            cached_tokens=r.get("cached_tokens"),
         )
         for r in runs
     )
@@ -553,7 +559,17 @@ def main(argv: list[str] | None = None) -> int:
     # Per run, what a prediction needs, so that it can be worked out again from the file.
     runs = {
         config: [
-            {k: r[k] for k in ("temperature", "batch", "run", "seconds", "prompt_tokens")}
+            {
+                k: r[k]
+                for k in (
+                    "temperature",
+                    "batch",
+                    "run",
+                    "seconds",
+                    "prompt_tokens",
+                    "cached_tokens",
+                )
+            }
             | {"answer_tokens": [len(t) for t in r["token_ids"]]}
             for r in records
         ]

@@ -52,6 +52,10 @@ from vllm_medusa.drafting import (
 )
 
 CALIBRATION_FILE = "medusa_calibration.json"
+# Prompt tokens of the long prompt that measures a step's cost per context token: long enough
+# to stand out of the step times' noise (a 1,000-token context steps about 15 % slower than a
+# 100-token one, float32, batch 1), short enough to leave room for the answer in 2,048.
+LONG_PROMPT_TOKENS = 1024
 
 
 def calibration_file(dtype: str, cpu_kind: str | None = None) -> str:
@@ -465,6 +469,38 @@ def probe_records(
         return [json.loads(line) for line in records_path.read_text().splitlines()]
 
 
+def _long_prompt(llm, prompts: list[str], tokens: int) -> str:
+    """The prompts joined, in turn and again, until the text is at least `tokens` tokens."""
+    tokenizer = llm.get_tokenizer()
+    parts: list[str] = []
+    while len(tokenizer.encode("\n\n".join(parts))) < tokens:
+        parts.append(prompts[len(parts) % len(prompts)])
+    return "\n\n".join(parts)
+
+
+def _time_batches(
+    engines: dict[int, Any], batches: list[list[str]], tokens: int
+) -> tuple[dict[int, float], dict[int, float], int]:
+    """Per engine: seconds spent decoding `batches` (after their prefills) and prefilling
+    them, and the batches' prompt tokens. Every engine runs each batch in turn, in an order
+    rotated batch by batch, so that a machine whose speed drifts over minutes moves every
+    engine alike. An engine's first call after another engine's long run is slower by about
+    0.1 s (a 2-core CPU, float32), which no server answering its own requests pays: each turn
+    starts with an untimed one-token request."""
+    sizes = list(engines)
+    decode = dict.fromkeys(sizes, 0.0)
+    prefill = dict.fromkeys(sizes, 0.0)
+    prompt_tokens = 0
+    for i, batch in enumerate(batches):
+        for n in sizes[i % len(sizes) :] + sizes[: i % len(sizes)]:
+            _chat(engines[n], batch[:1], 1)
+            first, batch_tokens = _chat(engines[n], batch, 1)
+            prefill[n] += first
+            decode[n] += max(_chat(engines[n], batch, tokens)[0] - first, 1e-6)
+        prompt_tokens += batch_tokens
+    return decode, prefill, prompt_tokens
+
+
 def measure_steps(
     engines: dict[int, Any],
     batch_sizes: list[int],
@@ -474,44 +510,58 @@ def measure_steps(
     progress,
 ) -> dict[tuple[int, int], dict[str, float]]:
     """Per batch size B and engine of n draft nodes (0: no speculation): the time of one
-    decode step with B requests, the decode tokens/s measured, and the time of a prefill of
-    B prompts with their tokens (`vllm_medusa.prediction` fits a line through these). Each
-    round decodes B requests of `tokens` tokens (EOS ignored) after timing their prefill
-    alone; rounds use different prompts, and every engine runs each round in turn, in an
-    order rotated round by round, so that a machine whose speed drifts over minutes moves
-    every tree size alike.
+    decode step with B requests, the decode tokens/s measured, the time of a prefill of B
+    prompts with their tokens (`vllm_medusa.prediction` fits a line through these), and the
+    context per request the steps had. Each round decodes B requests of `tokens` tokens (EOS
+    ignored) after timing their prefill alone; rounds use different prompts.
+    Then, at the smallest B, the same with one long prompt (`LONG_PROMPT_TOKENS`) per
+    request: what a step costs more per request per context token (`context_ms_per_token`,
+    the same in every row of an engine), for workloads whose prompts are longer than these.
     A request's decode steps are its decoded tokens less the drafts it accepted, which counts
     the steps where pruning left it nothing to draft as well."""
     from vllm_medusa.metrics import count_spec_decoding
 
-    results = {}
     sizes = list(engines)
     counters = {n: count_spec_decoding(engines[n]) for n in sizes if n}
-    for b in batch_sizes:
-        decode = dict.fromkeys(sizes, 0.0)
-        prefill = dict.fromkeys(sizes, 0.0)
-        prompt_tokens = 0
+
+    def timed(batches: list[list[str]]) -> dict[int, dict[str, float]]:
         before = {n: replace(counters[n]) for n in sizes if n}
-        batches = max(1, rounds // b)
-        for i in range(batches):
-            batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
-            for n in sizes[i % len(sizes) :] + sizes[: i % len(sizes)]:
-                first, batch_tokens = _chat(engines[n], batch, 1)
-                prefill[n] += first
-                decode[n] += max(_chat(engines[n], batch, tokens)[0] - first, 1e-6)
-            prompt_tokens += batch_tokens
-        decoded = batches * b * (tokens - 1)  # the first token of each request is prefill's
+        decode, prefill, prompt_tokens = _time_batches(engines, batches, tokens)
+        b = len(batches[0])
+        decoded = len(batches) * b * (tokens - 1)  # each request's first token is prefill's
+        rows = {}
         for n in sizes:
             accepted = counters[n].minus(before[n]).num_accepted_tokens if n else 0
-            steps = (decoded - accepted) / b
-            results[(b, n)] = {
-                "step_ms": 1000 * decode[n] / steps,
+            rows[n] = {
+                "step_ms": 1000 * decode[n] / ((decoded - accepted) / b),
                 "measured_tok_s": decoded / decode[n],
                 "measured_acceptance": decoded / (decoded - accepted),
-                "prefill_ms": 1000 * prefill[n] / batches,
-                "prompt_tokens": prompt_tokens / batches,
+                "prefill_ms": 1000 * prefill[n] / len(batches),
+                "prompt_tokens": prompt_tokens / len(batches),
+                # A request's mean context over its decode steps.
+                "context_tokens": prompt_tokens / len(batches) / b + tokens / 2,
             }
             progress.update(1)
+        return rows
+
+    results = {}
+    for b in batch_sizes:
+        batches = max(1, rounds // b)
+        rows = timed(
+            [[prompts[(i * b + j) % len(prompts)] for j in range(b)] for i in range(batches)]
+        )
+        results.update({(b, n): row for n, row in rows.items()})
+    smallest = batch_sizes[0]
+    long_prompt = _long_prompt(engines[sizes[0]], prompts, LONG_PROMPT_TOKENS)
+    long = timed([[long_prompt] * smallest] * max(1, rounds // 2))
+    for n in sizes:
+        short = results[(smallest, n)]
+        # Each of the `smallest` requests has the longer context.
+        extra = (long[n]["step_ms"] - short["step_ms"]) / (
+            smallest * (long[n]["context_tokens"] - short["context_tokens"])
+        )
+        for b in batch_sizes:
+            results[(b, n)]["context_ms_per_token"] = max(0.0, extra)
     return results
 
 
@@ -532,7 +582,10 @@ def calibrate(args: argparse.Namespace) -> Calibration:
     prompts = [p.turns[0] for p in load_prompts(args.prompts, split=split)][: args.num_prompts]
     batch_sizes = sorted(set(args.batch_sizes))
     sizes = sorted(set(args.sizes))
-    progress = tqdm(total=1 + (1 + len(sizes)) * len(batch_sizes), desc="calibrating", unit="run")
+    # The probe, then each engine at each batch size and with long prompts.
+    progress = tqdm(
+        total=1 + (1 + len(sizes)) * (len(batch_sizes) + 1), desc="calibrating", unit="run"
+    )
 
     records = probe_records(
         args.model,

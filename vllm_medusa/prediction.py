@@ -11,16 +11,23 @@ schedule the draft nodes, the calibration's step times (interpolated between the
 it measured) the time, and the tokens per step its probe measured on answers that end at EOS
 the progress of each request.
 
-A prefill costs a fixed part (one `LLM.chat` call: rendering, scheduling, output; about 0.3 s
-on a 2-core CPU, several decode steps) and a part per prompt token, fitted as a line through
-the calibration's prefills of 1 to 16 prompts: scaling the whole time by prompt tokens would
-charge the fixed part again for every token of a longer prompt.
+A prefill costs a fixed part (one `LLM.chat` call: rendering, scheduling, output; about 0.15 s
+on a 2-core CPU, a few decode steps) and a part per prompt token it computes (tokens found in
+the prefix cache cost nothing), fitted as a line through the calibration's prefills of 1 to 16
+prompts: scaling the whole time by prompt tokens would charge the fixed part again for every
+token of a longer prompt.
+
+A step's time grows with each request's context (its attention reads every earlier token's
+keys and values): the calibration's step times are for its prompts' context, and a step adds
+what the calibration measured per context token with a long prompt, for each request, times
+how far that request's context is from the calibration's (Spec-Bench's longest prompts, of
+about 700 tokens, step about 8 % slower at batch 1 than 50-token ones).
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -34,6 +41,10 @@ class StepTable:
     prefill_ms_per_token: float  # per prompt token
     tokens_per_step: dict[int, float]  # per draft nodes, answers until EOS (0 nodes: 1.0)
     schedule: list[list[int]]  # [[first batch size, last batch size, draft nodes], ...]
+    # Per draft nodes: a step's extra milliseconds per request per context token beyond
+    # `reference_context` (empty: a calibration that did not measure it, no correction).
+    context_ms_per_token: dict[int, float] = field(default_factory=dict)
+    reference_context: float = 0.0  # context tokens per request where `step_ms` was measured
 
     @classmethod
     def from_calibration(cls, calibration: Any) -> StepTable | None:
@@ -42,6 +53,7 @@ class StepTable:
         if not rows or any("prefill_ms" not in m for m in rows):
             return None
         fixed, per_token = fit_line([(m["prompt_tokens"], m["prefill_ms"]) for m in rows])
+        with_context = [m for m in rows if "context_ms_per_token" in m]
         return cls(
             batch_sizes=sorted({m["batch_size"] for m in rows}),
             step_ms={(m["batch_size"], m["draft_nodes"]): m["step_ms"] for m in rows},
@@ -49,6 +61,14 @@ class StepTable:
             prefill_ms_per_token=per_token,
             tokens_per_step={m["draft_nodes"]: m["expected_acceptance"] for m in rows},
             schedule=calibration.schedule,
+            context_ms_per_token={
+                m["draft_nodes"]: m["context_ms_per_token"] for m in with_context
+            },
+            reference_context=(
+                sum(m["context_tokens"] for m in with_context) / len(with_context)
+                if with_context
+                else 0.0
+            ),
         )
 
     def nodes(self, batch: int) -> int:
@@ -72,11 +92,17 @@ class StepTable:
         return (1 - w) * table[(b0, nodes)] + w * table[(b1, nodes)]
 
     def group_seconds(
-        self, prompt_tokens: list[int], answer_tokens: list[int], speculate: bool
+        self,
+        prompt_tokens: list[int],
+        answer_tokens: list[int],
+        speculate: bool,
+        cached_tokens: list[int] | None = None,
     ) -> float:
-        """Seconds to prefill one group of requests and decode their answers (tokens each,
-        the first of them from the prefill)."""
-        ms = self.prefill_fixed_ms + self.prefill_ms_per_token * sum(prompt_tokens)
+        """Seconds to prefill one group of requests (their prompts' tokens less those found
+        in the prefix cache) and decode their answers (tokens each, the first of them from
+        the prefill)."""
+        computed = sum(prompt_tokens) - sum(cached_tokens or [])
+        ms = self.prefill_fixed_ms + self.prefill_ms_per_token * computed
         remaining = [t - 1 for t in answer_tokens]  # decode tokens still to come, per request
         while True:
             active = [i for i, r in enumerate(remaining) if r > 0]
@@ -84,6 +110,10 @@ class StepTable:
                 return ms / 1000
             nodes = self.nodes(len(active)) if speculate else 0
             ms += self._at(self.step_ms, len(active), nodes)
+            # Each request's context: its prompt and the tokens it has so far.
+            context = sum(prompt_tokens[i] + answer_tokens[i] - remaining[i] for i in active)
+            extra = context - self.reference_context * len(active)
+            ms += self.context_ms_per_token.get(nodes, 0.0) * extra
             for i in active:
                 remaining[i] -= self.tokens_per_step[nodes]
 
@@ -110,12 +140,18 @@ def predicted_tok_s(
     answer_tokens: list[int],
     batch: int,
     speculate: bool,
+    cached_tokens: list[int] | None = None,
 ) -> float:
     """Tokens/s the calibration predicts for these prompts and answers (per request, in
-    order) run in groups of `batch`, with its schedule (`speculate`) or without speculation."""
+    order; `cached_tokens`: each prompt's tokens found in the prefix cache) run in groups of
+    `batch`, with its schedule (`speculate`) or without speculation."""
+    cached = cached_tokens or [0] * len(prompt_tokens)
     seconds = sum(
         table.group_seconds(
-            prompt_tokens[start : start + batch], answer_tokens[start : start + batch], speculate
+            prompt_tokens[start : start + batch],
+            answer_tokens[start : start + batch],
+            speculate,
+            cached[start : start + batch],
         )
         for start in range(0, len(answer_tokens), batch)
     )
