@@ -470,12 +470,13 @@ def probe_records(
 
 
 def _long_prompt(llm, prompts: list[str], tokens: int) -> str:
-    """The prompts joined, in turn and again, until the text is at least `tokens` tokens."""
+    """The prompts joined, in turn and again, cut to about `tokens` tokens."""
     tokenizer = llm.get_tokenizer()
     parts: list[str] = []
-    while len(tokenizer.encode("\n\n".join(parts))) < tokens:
+    while len(tokenizer.encode("\n\n".join(parts), add_special_tokens=False)) < tokens:
         parts.append(prompts[len(parts) % len(prompts)])
-    return "\n\n".join(parts)
+    ids = tokenizer.encode("\n\n".join(parts), add_special_tokens=False)
+    return tokenizer.decode(ids[:tokens])
 
 
 def _time_batches(
@@ -552,14 +553,15 @@ def measure_steps(
         )
         results.update({(b, n): row for n, row in rows.items()})
     smallest = batch_sizes[0]
-    long_prompt = _long_prompt(engines[sizes[0]], prompts, LONG_PROMPT_TOKENS)
+    # Room for the answer and the chat template's tokens in the engines' context.
+    room = engines[sizes[0]].llm_engine.model_config.max_model_len - tokens - 64
+    long_prompt = _long_prompt(engines[sizes[0]], prompts, min(LONG_PROMPT_TOKENS, room))
     long = timed([[long_prompt] * smallest] * max(1, rounds // 2))
     for n in sizes:
         short = results[(smallest, n)]
+        longer = long[n]["context_tokens"] - short["context_tokens"]
         # Each of the `smallest` requests has the longer context.
-        extra = (long[n]["step_ms"] - short["step_ms"]) / (
-            smallest * (long[n]["context_tokens"] - short["context_tokens"])
-        )
+        extra = (long[n]["step_ms"] - short["step_ms"]) / (smallest * longer) if longer > 0 else 0
         for b in batch_sizes:
             results[(b, n)]["context_ms_per_token"] = max(0.0, extra)
     return results
