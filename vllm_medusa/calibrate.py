@@ -473,9 +473,10 @@ def _long_prompt(llm, prompts: list[str], tokens: int) -> str:
     """The prompts joined, in turn and again, cut to about `tokens` tokens."""
     tokenizer = llm.get_tokenizer()
     parts: list[str] = []
-    while len(tokenizer.encode("\n\n".join(parts), add_special_tokens=False)) < tokens:
+    ids: list[int] = []
+    while len(ids) < tokens:
         parts.append(prompts[len(parts) % len(prompts)])
-    ids = tokenizer.encode("\n\n".join(parts), add_special_tokens=False)
+        ids = tokenizer.encode("\n\n".join(parts), add_special_tokens=False)
     return tokenizer.decode(ids[:tokens])
 
 
